@@ -1,0 +1,3 @@
+"""rag-persona: retrieval-augmented character chatbots."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""Load a causal LM by bundled alias, hub id or local path: bf16 on CPU, CUDA when present, 4-bit on request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RagPersonaError
+from .models import BUNDLED, prepare
+from .settings import get_settings
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and a record of how it was loaded."""
+
+    model: object
+    tokenizer: object
+    source: str
+    device: str
+    dtype: str
+    quantized: bool = False
+    adapter: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+def resolve_model_path(name: str | None = None, progress=print) -> str:
+    """Map a bundled alias to its converted folder (preparing it once); pass ids and paths through."""
+    name = name or get_settings().chat_model
+    if name in BUNDLED:
+        return str(prepare(name, progress=progress))
+    return name
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_causal_lm(
+    name: str | None = None,
+    *,
+    adapter: str | None = None,
+    load_in_4bit: bool = False,
+    device: str | None = None,
+    progress=print,
+) -> LoadedModel:
+    """Load weights as safetensors with trust_remote_code off; attach a peft adapter if given."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_path(name, progress=progress)
+    has_cuda = cuda_available()
+    device = device or ("cuda" if has_cuda else "cpu")
+    if load_in_4bit and not has_cuda:
+        raise RagPersonaError(f"model {source}: 4-bit loading needs CUDA (bitsandbytes); none is present")
+    kwargs: dict = {"trust_remote_code": False, "use_safetensors": True}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": 0}
+    else:
+        kwargs["dtype"] = torch.bfloat16
+    is_local = Path(source).exists()
+    if not is_local and "/" not in source:
+        raise RagPersonaError(
+            f"model {source!r}: not a bundled alias ({', '.join(BUNDLED)}), local folder or hub id"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise RagPersonaError(f"model {source}: cannot load ({str(exc).splitlines()[0]})") from exc
+    if not load_in_4bit:
+        model.to(device)
+    if adapter:
+        from peft import PeftModel
+
+        if not Path(adapter).exists():
+            raise RagPersonaError(f"adapter {adapter}: no such folder")
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        device=device,
+        dtype="nf4" if load_in_4bit else "bfloat16",
+        quantized=load_in_4bit,
+        adapter=adapter,
+    )
