@@ -1,0 +1,289 @@
+"""Knowledge bases and labelled queries: JSONL on disk to validated `Fact`s, with a stable content hash.
+
+A knowledge base is a JSONL file (one fact a line, minimal form ``{"id": "...", "text": "..."}``) or a
+folder. A folder with ``facts.jsonl`` uses only that file (a persona folder also holds ``persona.json``,
+``dialogues.jsonl`` and ``queries/``); otherwise every ``*.jsonl`` directly in the folder is read, except
+``dialogues.jsonl`` and ``queries*.jsonl``.
+
+Every problem is raised as a `RagPersonaError` with one line: ``FILE:LINE: field 'x': problem``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RagPersonaError
+
+FACTS_FILE = "facts.jsonl"
+_NOT_FACTS = {"dialogues.jsonl"}
+_KNOWN = ("id", "text", "questions", "tags")
+
+
+@dataclass
+class Fact:
+    """One retrievable fact. ``questions`` are extra retrieval keys; unknown fields survive in ``extra``."""
+
+    id: str
+    text: str
+    questions: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)
+    line: int | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        """The JSONL form: id, text, then optional fields only when set, then the extra fields."""
+        out: dict = {"id": self.id, "text": self.text}
+        if self.questions:
+            out["questions"] = list(self.questions)
+        if self.tags:
+            out["tags"] = list(self.tags)
+        out.update(self.extra)
+        return out
+
+    def keys(self) -> list[str]:
+        """The texts a query is matched against: the fact itself and its own questions."""
+        return [self.text, *self.questions]
+
+
+@dataclass
+class KnowledgeBase:
+    """Validated facts plus where they came from."""
+
+    facts: list[Fact]
+    path: Path
+    files: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    def __iter__(self) -> Iterator[Fact]:
+        return iter(self.facts)
+
+    @property
+    def ids(self) -> list[str]:
+        return [f.id for f in self.facts]
+
+    def by_id(self) -> dict[str, Fact]:
+        return {f.id: f for f in self.facts}
+
+    @property
+    def hash(self) -> str:
+        return knowledge_hash(self.facts)
+
+
+@dataclass
+class LabelledQuery:
+    """A query with the ids of the facts that should be retrieved (empty: nothing should be)."""
+
+    query: str
+    relevant: list[str]
+    source: str | None = None
+    line: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _where(path: Path, line: int | None) -> str:
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def _bad(path: Path, line: int | None, fld: str | None, problem: str) -> RagPersonaError:
+    prefix = _where(path, line)
+    return RagPersonaError(f"{prefix}: field '{fld}': {problem}" if fld else f"{prefix}: {problem}")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; one-line errors for everything else."""
+    if not path.exists():
+        raise RagPersonaError(f"{path}: no such file")
+    if not path.is_file():
+        raise RagPersonaError(f"{path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RagPersonaError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise RagPersonaError(f"{path}: cannot read ({exc.strerror})") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise _bad(path, number, None, f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise _bad(path, number, None, f"expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
+
+
+def _string_list(path: Path, line: int, obj: dict, name: str) -> list[str]:
+    value = obj.get(name)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise _bad(path, line, name, f"expected a list of strings, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _bad(path, line, f"{name}[{i}]", f"expected a string, got {type(item).__name__}")
+        if not item.strip():
+            raise _bad(path, line, f"{name}[{i}]", "empty string")
+        out.append(item.strip())
+    return out
+
+
+def parse_fact(path: Path, line: int, obj: dict) -> Fact:
+    """Validate one JSON object as a fact."""
+    if "id" not in obj:
+        raise _bad(path, line, "id", "missing")
+    fid = obj["id"]
+    if isinstance(fid, bool) or not isinstance(fid, str | int):
+        raise _bad(path, line, "id", f"expected a string, got {type(fid).__name__}")
+    fid = str(fid).strip()
+    if not fid:
+        raise _bad(path, line, "id", "empty")
+    if "text" not in obj:
+        raise _bad(path, line, "text", "missing")
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise _bad(path, line, "text", f"expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise _bad(path, line, "text", "empty")
+    return Fact(
+        id=fid,
+        text=text.strip(),
+        questions=_string_list(path, line, obj, "questions"),
+        tags=_string_list(path, line, obj, "tags"),
+        extra={k: v for k, v in obj.items() if k not in _KNOWN},
+        source=str(path),
+        line=line,
+    )
+
+
+def fact_files(path: str | Path) -> list[Path]:
+    """The JSONL files holding a knowledge base's facts (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise RagPersonaError(f"{path}: no such file or folder (knowledge base)")
+    if path.is_file():
+        return [path]
+    if (path / FACTS_FILE).is_file():
+        return [path / FACTS_FILE]
+    files = sorted(
+        p
+        for p in path.glob("*.jsonl")
+        if p.is_file() and p.name not in _NOT_FACTS and not p.name.startswith("queries")
+    )
+    if not files:
+        raise RagPersonaError(f"{path}: no {FACTS_FILE} or other *.jsonl fact files in this folder")
+    return files
+
+
+def load_knowledge(path: str | Path) -> KnowledgeBase:
+    """Load and validate a knowledge base (file or folder); ids must be unique across its files."""
+    path = Path(path)
+    files = fact_files(path)
+    facts: list[Fact] = []
+    seen: dict[str, str] = {}
+    for file in files:
+        for line, obj in _read_jsonl(file):
+            fact = parse_fact(file, line, obj)
+            if fact.id in seen:
+                raise _bad(file, line, "id", f"duplicate id {fact.id!r} (first at {seen[fact.id]})")
+            seen[fact.id] = _where(file, line)
+            facts.append(fact)
+    if not facts:
+        raise RagPersonaError(f"{files[0]}: no facts (the knowledge base is empty)")
+    return KnowledgeBase(facts=facts, path=path, files=files)
+
+
+def load_queries(path: str | Path, known_ids: Iterable[str] | None = None) -> list[LabelledQuery]:
+    """Load labelled queries ``{"query": ..., "relevant": [ids]}``; unknown ids are refused if known_ids given."""
+    path = Path(path)
+    known = set(known_ids) if known_ids is not None else None
+    out: list[LabelledQuery] = []
+    for line, obj in _read_jsonl(path):
+        query = obj.get("query")
+        if query is None:
+            raise _bad(path, line, "query", "missing")
+        if not isinstance(query, str):
+            raise _bad(path, line, "query", f"expected a string, got {type(query).__name__}")
+        if not query.strip():
+            raise _bad(path, line, "query", "empty")
+        if "relevant" not in obj:
+            raise _bad(path, line, "relevant", "missing (use [] for a query that should retrieve nothing)")
+        relevant = obj["relevant"]
+        if not isinstance(relevant, list):
+            raise _bad(path, line, "relevant", f"expected a list of ids, got {type(relevant).__name__}")
+        ids = []
+        for i, rid in enumerate(relevant):
+            if isinstance(rid, bool) or not isinstance(rid, str | int):
+                raise _bad(path, line, f"relevant[{i}]", f"expected an id string, got {type(rid).__name__}")
+            rid = str(rid)
+            if known is not None and rid not in known:
+                raise _bad(path, line, f"relevant[{i}]", f"unknown fact id {rid!r}")
+            ids.append(rid)
+        extra = {k: v for k, v in obj.items() if k not in ("query", "relevant")}
+        out.append(LabelledQuery(query.strip(), ids, str(path), line, extra))
+    if not out:
+        raise RagPersonaError(f"{path}: no queries")
+    return out
+
+
+def knowledge_hash(facts: Iterable[Fact]) -> str:
+    """sha256 over the facts' canonical JSON, independent of file layout, line order and formatting."""
+    rows = sorted(json.dumps(f.to_dict(), ensure_ascii=False, sort_keys=True) for f in facts)
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(row.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file through a synced temporary sibling and a rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def facts_to_jsonl(facts: Iterable[Fact]) -> str:
+    return "".join(json.dumps(f.to_dict(), ensure_ascii=False) + "\n" for f in facts)
+
+
+def write_facts(path: str | Path, facts: Iterable[Fact]) -> None:
+    """Write facts as JSONL atomically."""
+    atomic_write_text(path, facts_to_jsonl(facts))
