@@ -126,8 +126,22 @@ def chat(model: ModelOpt = None, adapter: AdapterOpt = None) -> None:
         history.append({"role": "assistant", "content": stream.reply.text})
 
 
+def load_plugins() -> None:
+    """Add the commands of `training` and `ui`, which register through entry points.
+
+    They import this library, never the other way round, so the dependency arrows stay one-way.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="rag_persona.commands"):
+        ep.load()(app)
+
+
 def main() -> None:
     app()
+
+
+load_plugins()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""One persona turn end to end: retrieve context, build the messages, generate a reply."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from .generation import GenerationSettings, Reply, ReplyStream
+from .prompts import ContextFact, Persona, build_messages
+
+
+class SearchesFacts(Protocol):
+    def search(self, query: str) -> list: ...
+
+
+@dataclass
+class TurnPlan:
+    """What the model is given for one turn: the messages, and the facts retrieved for it."""
+
+    messages: list[dict]
+    context: list[ContextFact]
+
+
+def retrieve_context(retriever: SearchesFacts | None, user_turn: str) -> list[ContextFact]:
+    """Retrieval exactly as every caller (chat, evaluation, data building) runs it."""
+    if retriever is None:
+        return []
+    return [ContextFact(id=h.fact_id, text=h.text, score=float(h.score)) for h in retriever.search(user_turn)]
+
+
+def plan_turn(
+    persona: Persona,
+    retriever: SearchesFacts | None,
+    history: Sequence[dict],
+    user_turn: str,
+    *,
+    include_context: bool = True,
+) -> TurnPlan:
+    context = retrieve_context(retriever, user_turn.strip())
+    messages = build_messages(persona, context, history, user_turn, include_context=include_context)
+    return TurnPlan(messages=messages, context=context)
+
+
+@dataclass
+class TurnResult:
+    plan: TurnPlan
+    reply: Reply
+
+
+@dataclass
+class PersonaChat:
+    """A persona, a retriever and a loaded model; `stream` answers one turn given the history."""
+
+    persona: Persona
+    retriever: SearchesFacts | None
+    loaded: object
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def stream(self, history: Sequence[dict], user_turn: str) -> tuple[TurnPlan, ReplyStream]:
+        plan = plan_turn(self.persona, self.retriever, history, user_turn)
+        return plan, ReplyStream(self.loaded, plan.messages, self.settings)
+
+    def respond(self, history: Sequence[dict], user_turn: str) -> TurnResult:
+        plan, stream = self.stream(history, user_turn)
+        for _ in stream:
+            pass
+        return TurnResult(plan=plan, reply=stream.reply)
+
+    def iter_text(self, history: Sequence[dict], user_turn: str) -> Iterator[str]:
+        _, stream = self.stream(history, user_turn)
+        yield from stream
+
+
+def default_persona(persona: str | None = None) -> Persona:
+    from .settings import get_settings
+
+    return Persona.load(Path(get_settings().persona_dir(persona)))

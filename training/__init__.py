@@ -1,0 +1,1 @@
+"""Training: datasets from the knowledge base, trainers, label audits, merging and analysis."""

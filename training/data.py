@@ -1,0 +1,236 @@
+"""Regenerate SFT and DPO datasets from the knowledge base, retrieving exactly as the chat does."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rag_persona.chat import retrieve_context
+from rag_persona.errors import RagPersonaError
+from rag_persona.knowledge import load_queries
+from rag_persona.prompts import PROMPT_TEMPLATE_VERSION, ContextFact, Persona, build_messages
+from rag_persona.settings import get_settings
+
+from .dialogues import STYLES, Conversation, load_dialogues
+
+DATA_FORMAT_VERSION = "1"
+VARIANTS = {"d0": ("plain",), "d1": ("ojousama",), "d2": ("plain", "ojousama")}
+# DPO files are named for the style that is *chosen*; the other style is rejected.
+DPO_VARIANTS = {"d1": ("ojousama", "plain"), "d0": ("plain", "ojousama")}
+
+
+@dataclass
+class DataConfig:
+    """How a dataset is built; every field is recorded in the manifest."""
+
+    out: Path
+    index: Path | None = None
+    persona: str | None = None
+    seed: int = 0
+    distractor_rate: float = 0.3
+    distractors: int = 2
+    drop_golden_rate: float = 0.1
+    eval_share: float = 0.1
+    threshold: float | None = None
+    mode: str | None = None
+    k: int | None = None
+    exclude_queries: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("distractor_rate", "drop_golden_rate", "eval_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise RagPersonaError(f"build-data: {name} must be between 0 and 1, got {value}")
+        if self.distractor_rate + self.drop_golden_rate > 1.0:
+            raise RagPersonaError("build-data: distractor_rate + drop_golden_rate must not exceed 1")
+
+
+def normalise(text: str) -> str:
+    """Compare user turns and queries ignoring width, case, spaces and punctuation."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in text if not unicodedata.category(ch).startswith(("P", "Z", "S")))
+
+
+def _rng(seed: int, *parts: object) -> random.Random:
+    # One generator per example, so a change to one conversation does not reshuffle the others.
+    key = "|".join(str(p) for p in (seed, *parts)).encode()
+    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def raft_context(
+    retrieved: list[ContextFact],
+    golden: tuple[str, ...],
+    all_facts: list[ContextFact],
+    config: DataConfig,
+    rng: random.Random,
+) -> tuple[list[ContextFact], str]:
+    """RAFT: keep the retrieved context, add distractors, or remove the golden facts."""
+    roll = rng.random()
+    if golden and roll < config.drop_golden_rate:
+        return [f for f in retrieved if f.id not in golden], "drop_golden"
+    if roll < config.drop_golden_rate + config.distractor_rate and config.distractors > 0:
+        present = {f.id for f in retrieved} | set(golden)
+        pool = [f for f in all_facts if f.id not in present]
+        picks = rng.sample(pool, min(config.distractors, len(pool)))
+        low = min((f.score for f in retrieved), default=0.5)
+        high = max((f.score for f in retrieved), default=0.9)
+        # Distractors get scores inside the retrieved range so their position tells nothing.
+        extra = [ContextFact(p.id, p.text, round(rng.uniform(low, high), 4)) for p in picks]
+        return retrieved + extra, "distractors"
+    return retrieved, "none"
+
+
+def _open_retriever(config: DataConfig):
+    from rag_persona.retrieve import retriever_for
+    from rag_persona.store import default_store, load_index
+
+    store = load_index(config.index) if config.index else default_store(config.persona)
+    retriever = retriever_for(store, mode=config.mode, threshold=config.threshold, k=config.k)
+    return store, retriever
+
+
+def build_datasets(config: DataConfig) -> dict:
+    """Write SFT/DPO JSONL files and a manifest into config.out atomically; return the manifest."""
+    settings = get_settings()
+    persona_dir = settings.persona_dir(config.persona)
+    persona = Persona.load(persona_dir)
+    store, retriever = _open_retriever(config)
+    fact_ids = set(store.ids)
+    dialogues_path = persona_dir / "dialogues.jsonl"
+    conversations = load_dialogues(dialogues_path, fact_ids)
+    exclude_files = config.exclude_queries or sorted((persona_dir / "queries").glob("test*.jsonl"))
+    held_out = {normalise(q.query) for f in exclude_files for q in load_queries(f)}
+    kept, excluded = [], []
+    for conv in conversations:
+        (excluded if any(normalise(t.user) in held_out for t in conv.turns) else kept).append(conv)
+
+    ids = sorted(c.id for c in kept)
+    _rng(config.seed, "split").shuffle(ids)
+    n_eval = round(len(ids) * config.eval_share)
+    eval_ids = set(ids[:n_eval])
+    all_facts = [ContextFact(f.id, f.text, 0.0) for f in store.facts]
+    cache: dict[str, list[ContextFact]] = {}
+
+    rows: dict[str, list[dict]] = {}
+    eval_prompts: list[dict] = []
+    for conv in sorted(kept, key=lambda c: c.id):
+        split = "eval" if conv.id in eval_ids else "train"
+        for i, turn in enumerate(conv.turns):
+            if turn.user not in cache:
+                cache[turn.user] = retrieve_context(retriever, turn.user)
+            if split == "train":
+                context, raft = raft_context(
+                    cache[turn.user], turn.facts, all_facts, config, _rng(config.seed, conv.id, i)
+                )
+            else:
+                # Held-out prompts are exactly what inference sees: no RAFT changes.
+                context, raft = cache[turn.user], "none"
+            prompts = {}
+            for style in STYLES:
+                history = []
+                for prev in conv.turns[:i]:
+                    history += [
+                        {"role": "user", "content": prev.user},
+                        {"role": "assistant", "content": prev.answer(style)},
+                    ]
+                prompts[style] = build_messages(persona, context, history, turn.user)
+            meta = {
+                "conversation": conv.id,
+                "turn": i,
+                "kind": conv.kind,
+                "golden_ids": list(turn.facts),
+                "context_ids": [f.id for f in context],
+                "context_scores": [f.score for f in context],
+                "raft": raft,
+                "template_version": PROMPT_TEMPLATE_VERSION,
+            }
+            for variant, styles in VARIANTS.items():
+                for style in styles:
+                    rows.setdefault(f"sft_{variant}_{split}", []).append(
+                        {
+                            "id": f"{conv.id}-t{i}-{style}",
+                            "prompt": prompts[style],
+                            "completion": [{"role": "assistant", "content": turn.answer(style)}],
+                            "style": style,
+                            **meta,
+                        }
+                    )
+            for variant, (chosen, rejected) in DPO_VARIANTS.items():
+                rows.setdefault(f"dpo_{variant}_{split}", []).append(
+                    {
+                        "id": f"{conv.id}-t{i}-{chosen}",
+                        "prompt": prompts[chosen],
+                        "chosen": [{"role": "assistant", "content": turn.answer(chosen)}],
+                        "rejected": [{"role": "assistant", "content": turn.answer(rejected)}],
+                        **meta,
+                    }
+                )
+            if split == "eval":
+                eval_prompts.append(
+                    {
+                        "id": f"{conv.id}-t{i}",
+                        "query": turn.user,
+                        "history": [m for m in prompts["ojousama"][1:-1]],
+                        "golden_ids": list(turn.facts),
+                        "kind": conv.kind,
+                        "reference": turn.ojousama,
+                        "reference_plain": turn.plain,
+                    }
+                )
+    rows["eval_prompts"] = eval_prompts
+    return _write(config, rows, store, dialogues_path, excluded, len(kept))
+
+
+def _write(config: DataConfig, rows: dict[str, list[dict]], store, dialogues_path: Path, excluded, n_kept) -> dict:
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files = {}
+        for name in sorted(rows):
+            path = work / f"{name}.jsonl"
+            with open(path, "w", encoding="utf-8") as f:
+                for row in rows[name]:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            files[path.name] = {"rows": len(rows[name]), "sha256": _sha256(path)}
+        settings = asdict(config)
+        settings.pop("out")
+        settings = json.loads(json.dumps(settings, default=str))
+        manifest = {
+            "format_version": DATA_FORMAT_VERSION,
+            "prompt_template_version": PROMPT_TEMPLATE_VERSION,
+            "seed": config.seed,
+            "config": settings,
+            "knowledge_hash": store.knowledge_hash,
+            "index_manifest": store.manifest,
+            "retrieval": {"threshold": store.effective_threshold(config.mode, config.threshold)},
+            "dialogues_sha256": _sha256(dialogues_path),
+            "conversations": n_kept,
+            "excluded_conversations": sorted(c.id for c in excluded),
+            "counts": {name: meta["rows"] for name, meta in files.items()},
+            "files": files,
+        }
+        (work / "manifest.json").write_text(
+            json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+        backup = None
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            out.rename(backup)
+        work.rename(out)
+        if backup:
+            shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
