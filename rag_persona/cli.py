@@ -41,7 +41,10 @@ def echo_json(obj) -> None:
 ModelOpt = Annotated[
     str | None, typer.Option("--model", help="Bundled alias, hub id or local folder (default: bundled 0.5B).")
 ]
-AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="A peft adapter folder.")]
+AdapterOpt = Annotated[
+    str | None,
+    typer.Option("--adapter", help="A peft adapter folder ('none': base model; default: the shipped one)."),
+]
 
 
 @models_app.command("prepare")
@@ -83,10 +86,11 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """One reply from the chat model, streamed to the terminal, stopping at EOS."""
+    from .evaluate import resolve_adapter
     from .generation import GenerationSettings, ReplyStream
     from .llm import load_causal_lm
 
-    loaded = load_causal_lm(model, adapter=adapter, progress=_progress)
+    loaded = load_causal_lm(model, adapter=resolve_adapter(model, adapter), progress=_progress)
     stream = ReplyStream(loaded, [{"role": "user", "content": message}], GenerationSettings(max_new_tokens))
     for piece in stream:
         if not as_json:
@@ -102,12 +106,23 @@ def ask(
 
 @app.command()
 @friendly
-def chat(model: ModelOpt = None, adapter: AdapterOpt = None) -> None:
+def chat(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    mode: Annotated[
+        str, typer.Option("--mode", help="prompt, or xattn: retrieved facts enter by cross-attention.")
+    ] = "prompt",
+) -> None:
     """A terminal chat with history (Ctrl-D or an empty line to leave)."""
+    if mode == "xattn":
+        return _chat_xattn(model)
+    if mode != "prompt":
+        raise RagPersonaError(f"chat: mode {mode!r} is not one of prompt, xattn")
+    from .evaluate import resolve_adapter
     from .generation import ReplyStream
     from .llm import load_causal_lm
 
-    loaded = load_causal_lm(model, adapter=adapter, progress=_progress)
+    loaded = load_causal_lm(model, adapter=resolve_adapter(model, adapter), progress=_progress)
     history: list[dict] = []
     while True:
         try:
@@ -124,6 +139,217 @@ def chat(model: ModelOpt = None, adapter: AdapterOpt = None) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": stream.reply.text})
+
+
+def _chat_xattn(model: str | None) -> None:
+    """The terminal chat in cross-attention mode (rag_persona.xattn): base model + trained blocks."""
+    from .xattn import load_xattn_chat
+
+    xchat = load_xattn_chat(model, progress=_progress)
+    history: list[dict] = []
+    while True:
+        try:
+            message = input("you> ").strip()
+        except EOFError:
+            break
+        if not message:
+            break
+        plan, stream = xchat.stream(history, message)
+        _progress(f"memory: {', '.join(f.id for f in plan.context) or '(no facts retrieved)'}")
+        sys.stdout.write("bot> ")
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": stream.reply.text}]
+
+
+@app.command()
+@friendly
+def evaluate(
+    prompts: Annotated[str, typer.Option("--prompts", help="JSONL: query, history, golden_ids, kind.")],
+    model: ModelOpt = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option("--adapter", help="Adapter folder, or 'none' (default: the chat's default adapter)."),
+    ] = None,
+    index: Annotated[str | None, typer.Option("--index", help="Index folder (default: persona's).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="prompt (context in the prompt) or xattn.")] = "prompt",
+    max_new_tokens: Annotated[int, typer.Option()] = 96,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Each prompt through retrieval + the prompt builder + generation; persona metrics over the replies."""
+    from .evaluate import run_evaluation
+
+    report = run_evaluation(
+        prompts,
+        model=model,
+        adapter=adapter,
+        index=index,
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        progress=_progress,
+    )
+    if as_json:
+        echo_json(report)
+        return
+    for r in report["replies"]:
+        end = "EOS" if r["ended_by_eos"] else "limit"
+        typer.echo(f"{r['query'][:30]:<32} {end:<5} {r['reply']}")
+    for key, value in report["summary"].items():
+        typer.echo(f"{key:<22} {value}")
+
+
+# -- retrieval: index, search, eval-retrieval, tune-threshold ---------------------------------------
+IndexOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--index", help="Index folder (default: the default persona's, built when missing or stale)."
+    ),
+]
+ModeOpt = Annotated[
+    str | None, typer.Option("--mode", help="dense | lexical | hybrid (default: the index's).")
+]
+
+
+def _open_store(index: str | None):
+    from .store import default_store, load_index
+
+    if index:
+        return load_index(index)
+    return default_store(progress=True, log=_progress)
+
+
+@app.command("index")
+@friendly
+def index_cmd(
+    kb: Annotated[str, typer.Option("--kb", help="Knowledge base: a JSONL file or a folder.")],
+    out: Annotated[str, typer.Option("--out", help="Index folder to write (replaced atomically).")],
+    embedder: Annotated[
+        str | None, typer.Option("--embedder", help="e5-small (default), a sentence-transformers id or path.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Embed a knowledge base into a FAISS index folder with a manifest."""
+    from .store import build_index, is_index, load_index
+
+    old = load_index(out, check=False) if is_index(out) else None
+    store = build_index(kb, out, embedder, progress=not as_json, keep_threshold_from=old)
+    info = {
+        "index": str(store.path),
+        "facts": len(store),
+        "keys": store.n_keys,
+        "embedder": store.manifest["embedder"],
+        "knowledge_hash": store.knowledge_hash,
+        "threshold": store.threshold,
+    }
+    if as_json:
+        echo_json(info)
+    else:
+        typer.echo(
+            f"indexed {info['facts']} facts ({info['keys']} keys) with {info['embedder']['name']} into {out}"
+        )
+
+
+@app.command()
+@friendly
+def search(
+    query: Annotated[str, typer.Argument(help="What to look up.")],
+    index: IndexOpt = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Minimum score (0-1).")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="At most this many facts.")] = None,
+    mode: ModeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Facts for a query, above the threshold, at most k: [{"id","text","score"}]."""
+    from .retrieve import retriever_for
+
+    retriever = retriever_for(_open_store(index), mode=mode, threshold=threshold, k=k)
+    hits = retriever.search(query)
+    if as_json:
+        echo_json([h.to_dict() for h in hits])
+        return
+    _progress(
+        f"{retriever.mode}, threshold {retriever.threshold:.3f} ({retriever.threshold_source}), k {retriever.k}"
+    )
+    if not hits:
+        typer.echo("(no fact above the threshold)")
+    for h in hits:
+        typer.echo(f"{h.score:.3f}  {h.fact_id}  {h.text}")
+
+
+@app.command("eval-retrieval")
+@friendly
+def eval_retrieval(
+    queries: Annotated[str, typer.Option("--queries", help="Labelled queries JSONL.")],
+    index: IndexOpt = None,
+    threshold: Annotated[float | None, typer.Option("--threshold")] = None,
+    k: Annotated[int | None, typer.Option("--k")] = None,
+    mode: ModeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Precision, recall, F1, top-1 hit rate and off-topic rejection on labelled queries."""
+    from .knowledge import load_queries
+    from .retrieve import retriever_for
+    from .tuning import _check_labels, evaluate_retriever
+
+    store = _open_store(index)
+    labelled = load_queries(queries)
+    _check_labels(store, labelled)
+    retriever = retriever_for(store, mode=mode, threshold=threshold, k=k)
+    result = evaluate_retriever(retriever, labelled).to_dict()
+    result.update(mode=retriever.mode, k=retriever.k, threshold_source=retriever.threshold_source)
+    if as_json:
+        echo_json(result)
+        return
+    typer.echo(
+        f"{retriever.mode} threshold {result['threshold']:.3f} ({retriever.threshold_source}) k {retriever.k}: "
+        f"P {result['precision']:.3f} R {result['recall']:.3f} F1 {result['f1']:.3f} "
+        f"top-1 {result['top1_hit_rate']:.3f} off-topic rejection {result['offtopic_rejection']:.3f} "
+        f"({result['queries']} queries, {result['off_topic']} off-topic)"
+    )
+
+
+@app.command("tune-threshold")
+@friendly
+def tune_threshold_cmd(
+    queries: Annotated[str, typer.Option("--queries", help="Labelled queries JSONL (a dev split).")],
+    index: IndexOpt = None,
+    plot: Annotated[
+        str | None, typer.Option("--plot", help="Write precision/recall/F1 vs threshold here.")
+    ] = None,
+    k: Annotated[int | None, typer.Option("--k")] = None,
+    mode: ModeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Sweep thresholds on labelled queries, store the F1-best one with the index, print it."""
+    from .knowledge import load_queries
+    from .tuning import tune_threshold
+
+    store = _open_store(index)
+    labelled = load_queries(queries)
+    result = tune_threshold(store, labelled, mode=mode, k=k, plot=plot, source=str(queries))
+    m = result.chosen_metrics
+    info = {
+        "threshold": result.chosen,
+        "mode": store.manifest["threshold_mode"],
+        "k": result.k,
+        "plateau": result.plateau(),
+        "metrics": m.to_dict(),
+        "index": str(store.path),
+        "plot": plot,
+    }
+    if as_json:
+        echo_json(info)
+        return
+    typer.echo(f"{result.chosen}")
+    _progress(
+        f"{info['mode']} k {result.k}: F1 {m.f1:.3f} (P {m.precision:.3f} R {m.recall:.3f}), "
+        f"top-1 {m.top1_hit_rate:.3f}, off-topic rejection {m.offtopic_rejection:.3f}; stored in {store.path}"
+        + (f"; plot {plot}" if plot else "")
+    )
 
 
 def load_plugins() -> None:

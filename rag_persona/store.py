@@ -35,7 +35,6 @@ from .knowledge import (
     Fact,
     KnowledgeBase,
     _read_jsonl,
-    atomic_write_text,
     facts_to_jsonl,
     knowledge_hash,
     load_knowledge,

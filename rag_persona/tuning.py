@@ -220,3 +220,114 @@ def plot_sweep(result: Sweep, path: str | Path, title: str = "") -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+# -- evaluation and tuning on an index -------------------------------------------------------------
+def evaluate_retriever(
+    retriever, queries: Sequence[LabelledQuery], *, threshold: float | None = None, k: int | None = None
+) -> Metrics:
+    """Metrics of a retriever (its own threshold and k unless given) on labelled queries."""
+    t = retriever.threshold if threshold is None else float(threshold)
+    k = retriever.k if k is None else int(k)
+    rankings = retriever.rankings([q.query for q in queries], depth=max(k, 1))
+    return metrics_at(queries, rankings, t, k)
+
+
+def tune_threshold(
+    store,
+    queries: Sequence[LabelledQuery],
+    *,
+    mode: str | None = None,
+    k: int | None = None,
+    plot: str | Path | None = None,
+    save: bool = True,
+    source: str | None = None,
+) -> Sweep:
+    """Sweep thresholds for an index on labelled queries, store the chosen one in its manifest."""
+    from .retrieve import retriever_for
+
+    retriever = retriever_for(store, mode=mode, k=k)
+    _check_labels(store, queries)
+    rankings = retriever.rankings([q.query for q in queries], depth=max(retriever.k, 1))
+    result = sweep(queries, rankings, k=retriever.k)
+    if plot is not None:
+        name = Path(store.path).name if store.path else "index"
+        plot_sweep(result, plot, title=f"{name}: {retriever.mode}, k={retriever.k}, {len(queries)} queries")
+    info = {**result.to_dict(), "queries": source, "n_queries": len(queries)}
+    store.set_threshold(retriever.mode, result.chosen, info)
+    store.manifest["retrieval"] = {
+        **store.manifest.get("retrieval", {}),
+        "mode": retriever.mode,
+        "k": retriever.k,
+    }
+    if save and store.path is not None:
+        store.save()
+    return result
+
+
+def _check_labels(store, queries: Sequence[LabelledQuery]) -> None:
+    known = set(store.ids)
+    for q in queries:
+        for i, rid in enumerate(q.relevant):
+            if rid not in known:
+                raise RagPersonaError(
+                    f"{q.source}:{q.line}: field 'relevant[{i}]': fact id {rid!r} is not in the index"
+                )
+
+
+# -- fitting the score calibration (how retrieve.CALIBRATION was made) -----------------------------
+def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 50) -> np.ndarray:
+    """L2-regularised logistic regression by Newton's method; returns [bias, w1, w2, ...]."""
+    X = np.column_stack([np.ones(len(X)), np.asarray(X, dtype=np.float64)])
+    y = np.asarray(y, dtype=np.float64)
+    w = np.zeros(X.shape[1])
+    reg = np.full(X.shape[1], l2)
+    reg[0] = 0.0
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(X @ w, -60, 60)))
+        grad = X.T @ (p - y) + reg * w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + np.diag(reg) + 1e-9 * np.eye(X.shape[1])
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def calibration_features(
+    retriever, queries: Sequence[LabelledQuery]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per key kind ('text', 'question'): rows (z, gap, lexical) for every candidate fact, and labels."""
+    ids = retriever.store.ids
+    rows: dict[str, list] = {"text": [], "question": []}
+    labels: dict[str, list] = {"text": [], "question": []}
+    for q, c in zip(queries, retriever.candidates([q.query for q in queries]), strict=True):
+        rel = np.array([ids[f] in q.relevant for f in c.facts])
+        gap_t = c.z_text - c.z_text.max()
+        rows["text"].append(np.column_stack([c.z_text, gap_t, c.lex_text]))
+        labels["text"].append(rel)
+        has_q = np.isfinite(c.z_question)
+        if has_q.any():
+            gap_q = c.z_question[has_q] - c.z_question[has_q].max()
+            rows["question"].append(np.column_stack([c.z_question[has_q], gap_q, c.lex_question[has_q]]))
+            labels["question"].append(rel[has_q])
+    return {kind: (np.concatenate(rows[kind]), np.concatenate(labels[kind])) for kind in rows if rows[kind]}
+
+
+def fit_calibration(store, queries: Sequence[LabelledQuery], l2: float = 1.0) -> dict:
+    """Fit `retrieve.Calibration` weights for dense and hybrid on an index and labelled queries."""
+    from .retrieve import Calibration, RetrievalConfig, Retriever
+
+    out = {}
+    for mode in ("dense", "hybrid"):
+        feats = calibration_features(Retriever(store, RetrievalConfig(mode=mode, threshold=0.0)), queries)
+        for kind, (X, y) in feats.items():
+            cols = [0, 1, 2] if mode == "hybrid" else [0, 1]
+            w = fit_logistic(X[:, cols], y, l2=l2)
+            out[(mode, kind)] = Calibration(
+                bias=round(float(w[0]), 3),
+                w_z=round(float(w[1]), 3),
+                w_gap=round(float(w[2]), 3),
+                w_lex=round(float(w[3]), 3) if mode == "hybrid" else 0.0,
+            )
+    return out

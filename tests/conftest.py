@@ -20,9 +20,14 @@ CORPUS = [
 ]
 
 
-def make_tokenizer(eos_token: str = "<|im_end|>", vocab_size: int = 300):
-    """A small byte-level BPE tokenizer with a chat template; eos is a registered special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(eos_token: str = "<|im_end|>", vocab_size: int = 300, split_eos_text: bool = False):
+    """A small byte-level BPE tokenizer with a chat template; eos is a registered special token.
+
+    With split_eos_text=True the eos keeps its own id but its literal text in a string is tokenised as
+    ordinary pieces (as "</s>" on Llama-2/ELYZA tokenizers): make_tokenizer("</s>", split_eos_text=True).
+    The chat markers stay single tokens so the chat template still works.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -37,6 +42,14 @@ def make_tokenizer(eos_token: str = "<|im_end|>", vocab_size: int = 300):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 5, trainer)
+    if split_eos_text:
+        markers = [s for s in specials if s not in (eos_token, "<|endoftext|>")]
+        tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in markers])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token=eos_token, pad_token="<|endoftext|>", split_special_tokens=True
+        )
+        fast.chat_template = CHAT_TEMPLATE
+        return fast
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=eos_token,

@@ -43,3 +43,116 @@ def register(app: typer.Typer) -> None:
             for name, count in manifest["counts"].items():
                 typer.echo(f"{name:<28} {count:>6}")
             typer.echo(f"written to {out}")
+
+    @app.command("audit-labels")
+    @friendly
+    def audit_labels_cmd(
+        data: Annotated[Path, typer.Option("--data", help="JSONL: SFT, DPO, text or pre-tokenised rows.")],
+        model: Annotated[
+            str | None, typer.Option("--model", help="Whose tokenizer builds the labels.")
+        ] = None,
+        n: Annotated[int, typer.Option("--n", help="Examples to audit and show (0: all).")] = 10,
+        builder: Annotated[str, typer.Option(help="ours (EOS id) or trl (trl's string EOS).")] = "ours",
+        as_json: Annotated[bool, typer.Option("--json")] = False,
+    ) -> None:
+        """Show the trained tail of each example; exit 1 unless every one ends in the EOS id with no
+        special-token text trained as ordinary pieces."""
+        from training.labels import audit_file
+        from training.trainers import load_tokenizer
+
+        tokenizer, gen_eos, source = load_tokenizer(model)
+        report = audit_file(tokenizer, data, generation_eos_ids=gen_eos, builder=builder, limit=n or None)
+        report["model"] = source
+        if as_json:
+            echo_json(report)
+        else:
+            rows = report["rows"] if n else [r for r in report["rows"] if not r["ok"]][:20]
+            for r in rows:
+                state = "ok  " if r["ok"] else "FAIL"
+                typer.echo(f"{state} {r['source']} [{r['part']}] tail {r['tail_text']!r} ids {r['tail_ids']}")
+                for problem in r["problems"]:
+                    typer.echo(f"     - {problem}")
+            typer.echo(
+                f"{report['checked'] - report['failed']}/{report['checked']} ok; EOS id {report['eos_id']} "
+                f"({report['eos_token']!r}); builder {builder}; tokenizer {source}"
+            )
+        if not report["ok"]:
+            raise typer.Exit(1)
+
+    @app.command("train")
+    @friendly
+    def train_cmd(
+        stage: Annotated[str, typer.Argument(help="sft, dpo or xattn (cross-attention blocks; recipe e.g. xattn_cpu)")],
+        recipe: Annotated[str, typer.Option("--recipe", help="Recipe YAML file or bundled recipe name.")],
+        out: Annotated[
+            Path | None, typer.Option("--out", help="Adapter folder (default runs/<recipe name>).")
+        ] = None,
+        data_dir: Annotated[
+            Path | None, typer.Option("--data-dir", help="Folder of build-data files.")
+        ] = None,
+        model: Annotated[
+            str | None, typer.Option("--model", help="Override the recipe's base model.")
+        ] = None,
+        init_adapter: Annotated[
+            Path | None, typer.Option("--init-adapter", help="DPO: the SFT adapter.")
+        ] = None,
+        max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
+        max_train_examples: Annotated[int | None, typer.Option("--max-train-examples")] = None,
+        seed: Annotated[int | None, typer.Option("--seed")] = None,
+        threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (1 on a busy machine).")] = None,
+        as_json: Annotated[bool, typer.Option("--json")] = False,
+    ) -> None:
+        """LoRA (CPU) or QLoRA (CUDA, 4-bit) SFT/DPO from a recipe, picked automatically and reported."""
+        from rag_persona.cli import _progress
+        from rag_persona.errors import RagPersonaError
+
+        if stage == "xattn":  # cross-attention context injection (training/xattn_train.py)
+            from training.xattn_train import run_from_cli
+
+            summary = run_from_cli(
+                recipe, out=out, data_dir=data_dir, model=model, max_steps=max_steps, seed=seed, progress=_progress
+            )
+            if as_json:
+                echo_json(summary)
+            else:
+                typer.echo(f"{summary['steps']} steps, held-out loss {summary['eval_loss_no_memory']:.4f} → {summary['eval_loss']:.4f}")
+            return
+
+        from training.trainers import load_recipe, train
+
+        r = load_recipe(
+            recipe,
+            data_dir=str(data_dir) if data_dir else None,
+            base_model=model,
+            init_adapter=str(init_adapter) if init_adapter else None,
+            max_steps=max_steps,
+            max_train_examples=max_train_examples,
+            seed=seed,
+            cpu_threads=threads,
+        )
+        if r.stage != stage:
+            raise RagPersonaError(
+                f"recipe {recipe}: field 'stage' is {r.stage!r}, but the command says {stage!r}"
+            )
+        metrics = train(r, out, progress=_progress)
+        if as_json:
+            echo_json({k: v for k, v in metrics.items() if k != "lineage"})
+        else:
+            typer.echo(
+                f"{metrics['output']}: {metrics['steps']} steps, train loss {metrics['train_loss']:.4f}"
+            )
+
+    @app.command("ship-adapter")
+    @friendly
+    def ship_adapter_cmd(
+        run: Annotated[Path, typer.Argument(help="A trained adapter folder (runs/...).")],
+        name: Annotated[str, typer.Option("--name", help="Folder name under adapters/.")],
+        default: Annotated[
+            bool, typer.Option("--default/--not-default", help="Make it the chat default.")
+        ] = True,
+    ) -> None:
+        """Copy an adapter into the repo's adapters/ (bf16 weights + provenance) for the chat to use."""
+        from rag_persona.evaluate import ADAPTERS_ROOT
+        from training.trainers import ship_adapter
+
+        typer.echo(str(ship_adapter(run, ADAPTERS_ROOT / name, default=default)))

@@ -188,10 +188,18 @@ def build_datasets(config: DataConfig) -> dict:
                     }
                 )
     rows["eval_prompts"] = eval_prompts
-    return _write(config, rows, store, dialogues_path, excluded, len(kept))
+    retrieval = {
+        "mode": retriever.mode,
+        "threshold": retriever.threshold,
+        "threshold_source": retriever.threshold_source,
+        "k": retriever.k,
+    }
+    return _write(config, rows, store, retrieval, dialogues_path, excluded, len(kept))
 
 
-def _write(config: DataConfig, rows: dict[str, list[dict]], store, dialogues_path: Path, excluded, n_kept) -> dict:
+def _write(
+    config: DataConfig, rows: dict[str, list[dict]], store, retrieval: dict, dialogues_path: Path, excluded, n_kept
+) -> dict:
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -213,7 +221,7 @@ def _write(config: DataConfig, rows: dict[str, list[dict]], store, dialogues_pat
             "config": settings,
             "knowledge_hash": store.knowledge_hash,
             "index_manifest": store.manifest,
-            "retrieval": {"threshold": store.effective_threshold(config.mode, config.threshold)},
+            "retrieval": retrieval,
             "dialogues_sha256": _sha256(dialogues_path),
             "conversations": n_kept,
             "excluded_conversations": sorted(c.id for c in excluded),

@@ -1,0 +1,229 @@
+"""Persona evaluation: each prompt through retrieval + the prompt builder + generation, then persona metrics.
+
+`rag-persona evaluate --prompts FILE --json` prints
+`{"replies": [{"query", "reply", "ended_by_eos", "context_ids", ...}], "summary": {...}}`; the summary keys
+are documented in `persona_metrics.summarize`. Without --model/--adapter/--index it evaluates what the chat
+uses: the default chat model, its default adapter and the default persona index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .chat import PersonaChat
+from .errors import RagPersonaError
+from .generation import GenerationSettings
+from .persona_metrics import PromptResult, judge, summarize
+from .prompts import Persona
+from .settings import REPO_ROOT, get_settings
+
+MODES = ("prompt", "xattn")
+ADAPTERS_ROOT = REPO_ROOT / "adapters"
+ADAPTER_MANIFEST = "rag_persona_adapter.json"
+NO_ADAPTER = ("none", "base", "")
+
+
+# -- the default adapter ---------------------------------------------------------------------------------
+
+
+def shipped_adapters(root: Path | None = None) -> list[dict]:
+    """Adapters shipped in the repo: folders under adapters/ with a rag_persona_adapter.json."""
+    root = root or ADAPTERS_ROOT
+    out = []
+    for manifest in sorted(root.glob(f"*/{ADAPTER_MANIFEST}")):
+        try:
+            info = json.loads(manifest.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RagPersonaError(f"{manifest}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        out.append({**info, "path": str(manifest.parent)})
+    return out
+
+
+def default_adapter(
+    model: str | None = None, persona: str | None = None, root: Path | None = None
+) -> str | None:
+    """The adapter the chat applies when none is named.
+
+    RAG_PERSONA_CHAT_ADAPTER wins (a folder, or "none" for the plain base model); otherwise the shipped
+    adapter whose manifest names this base model and persona as its default. Only the default chat model
+    gets one unless a shipped adapter names the model given.
+    """
+    env = os.environ.get("RAG_PERSONA_CHAT_ADAPTER")
+    if env is not None:
+        return None if env.strip().lower() in NO_ADAPTER else env
+    settings = get_settings()
+    model = model or settings.chat_model
+    persona = persona or settings.persona
+    for info in shipped_adapters(root):
+        if info.get("default") and info.get("base_model") == model and info.get("persona") == persona:
+            return info["path"]
+    return None
+
+
+def resolve_adapter(model: str | None, adapter: str | None) -> str | None:
+    """An explicit --adapter (or 'none'), else the default adapter for this model."""
+    if adapter is not None:
+        return None if adapter.strip().lower() in NO_ADAPTER else adapter
+    return default_adapter(model)
+
+
+# -- prompts ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalPrompt:
+    query: str
+    history: list[dict] = field(default_factory=list)
+    golden_ids: list[str] = field(default_factory=list)
+    kind: str = ""
+    reference: str = ""
+    id: str = ""
+
+
+def load_prompts(path: str | Path) -> list[EvalPrompt]:
+    """JSONL with `query` (required), `history`, `golden_ids`, `kind`, `reference`, `id`; one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise RagPersonaError(f"{path}: prompts file not found")
+    prompts = []
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise RagPersonaError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise RagPersonaError(f"{where}: expected a JSON object")
+        query = obj.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise RagPersonaError(f"{where}: field 'query': missing or empty")
+        history = obj.get("history", [])
+        if not isinstance(history, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in history
+        ):
+            raise RagPersonaError(f"{where}: field 'history': must be a list of {{role, content}} messages")
+        golden = obj.get("golden_ids", obj.get("relevant", []))
+        if not isinstance(golden, list) or not all(isinstance(g, str) for g in golden):
+            raise RagPersonaError(f"{where}: field 'golden_ids': must be a list of fact ids")
+        prompts.append(
+            EvalPrompt(
+                query=query,
+                history=history,
+                golden_ids=golden,
+                kind=str(obj.get("kind", "")),
+                reference=str(obj.get("reference", "")),
+                id=str(obj.get("id", lineno)),
+            )
+        )
+    if not prompts:
+        raise RagPersonaError(f"{path}: no prompts")
+    return prompts
+
+
+# -- running ---------------------------------------------------------------------------------------------
+
+
+def persona_words(persona: Persona) -> list[str]:
+    """The persona's own name and its parts (a reply that says her name is not stating a fact by that)."""
+    words = [persona.name, *persona.reading.split()]
+    if len(persona.name) >= 4:
+        words += [persona.name[:3], persona.name[3:], persona.name[:2], persona.name[2:]]
+    return words
+
+
+def evaluate_chat(
+    chat: PersonaChat,
+    prompts: Sequence[EvalPrompt],
+    facts: dict[str, str],
+    *,
+    progress: Callable[[str], None] | None = None,
+    tokens=None,
+) -> dict:
+    """Run every prompt through the chat path (retrieval, prompt builder, generation) and score it."""
+    tokenizer = getattr(chat.loaded, "tokenizer", None)
+    extra = list(getattr(tokenizer, "all_special_tokens", []) or [])
+    results = []
+    started = time.perf_counter()
+    for i, p in enumerate(prompts, 1):
+        turn = chat.respond(p.history, p.query)
+        result = PromptResult(
+            query=p.query,
+            reply=turn.reply.text,
+            ended_by_eos=turn.reply.ended_by_eos,
+            context_ids=[f.id for f in turn.plan.context],
+            golden_ids=list(p.golden_ids),
+            kind=p.kind,
+            new_tokens=turn.reply.new_tokens,
+            seconds=round(turn.reply.seconds, 2),
+        )
+        results.append(
+            judge(
+                result, facts, persona_words=persona_words(chat.persona), extra_special=extra, tokens=tokens
+            )
+        )
+        if progress:
+            elapsed = time.perf_counter() - started
+            eta = elapsed / i * (len(prompts) - i)
+            progress(f"[{i}/{len(prompts)}] {p.query[:24]!r} → {turn.reply.text[:40]!r} (eta {eta:.0f}s)")
+    return {"replies": [r.to_dict() for r in results], "summary": summarize(results)}
+
+
+def open_retriever(index: str | Path | None = None, persona: str | None = None, log=lambda msg: None):
+    """The retriever the chat uses: the default persona index unless an index folder is named."""
+    from .store import default_store, load_index
+
+    store = load_index(index) if index else default_store(persona, log=log)
+    try:
+        from .retrieve import retriever_for
+    except ImportError as exc:  # pragma: no cover - retrieval not wired yet
+        raise RagPersonaError("retrieval: rag_persona.retrieve has no retriever_for yet") from exc
+    return store, retriever_for(store)
+
+
+def run_evaluation(
+    prompts_path: str | Path,
+    *,
+    model: str | None = None,
+    adapter: str | None = None,
+    index: str | Path | None = None,
+    persona: str | None = None,
+    mode: str = "prompt",
+    max_new_tokens: int = 96,
+    limit: int | None = None,
+    loaded=None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Load the model (+ default adapter), the persona and its index, and evaluate the prompts."""
+    if mode not in MODES:
+        raise RagPersonaError(f"evaluate: mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "xattn":
+        raise RagPersonaError("evaluate: --mode xattn is not wired into evaluation yet; use --mode prompt")
+    from .chat import default_persona
+    from .llm import load_causal_lm
+
+    prompts = load_prompts(prompts_path)[:limit] if limit else load_prompts(prompts_path)
+    the_persona = default_persona(persona)
+    store, retriever = open_retriever(index, persona, log=progress or (lambda m: None))
+    adapter = resolve_adapter(model, adapter)
+    if loaded is None:
+        loaded = load_causal_lm(model, adapter=adapter, progress=progress or (lambda m: None))
+    chat = PersonaChat(the_persona, retriever, loaded, GenerationSettings(max_new_tokens=max_new_tokens))
+    facts = {f.id: f.text for f in store.facts}
+    out = evaluate_chat(chat, prompts, facts, progress=progress)
+    out["setup"] = {
+        "model": loaded.source,
+        "adapter": getattr(loaded, "adapter", adapter),
+        "index": str(getattr(store, "path", index)),
+        "mode": mode,
+        "prompts": str(prompts_path),
+        "max_new_tokens": max_new_tokens,
+        "persona": the_persona.id,
+    }
+    return out

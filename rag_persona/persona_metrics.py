@@ -1,0 +1,335 @@
+"""Persona metrics: お嬢様 style, length, sentences, EOS, leaked special-token text, facts, off-topic.
+
+The お嬢様 marker list lives here and nowhere else. Every check is a plain, documented rule so a score can
+be explained by pointing at the reply.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+# -- お嬢様言葉 markers (the one list) ------------------------------------------------------------------
+# Sentence endings and words of the register (../shared/REFERENCE.md). Deliberately left out: bare
+# 「ございます」 (ありがとうございます is ordinary keigo), bare 「てよ」 (待ってよ is casual), bare 「わ」.
+OJOUSAMA_ENDINGS: tuple[str, ...] = (
+    "ですわ",
+    "ますわ",
+    "でしたわ",
+    "ましたわ",
+    "ませんわ",
+    "ですの",
+    "ますの",
+    "でしたの",
+    "ましたの",
+    "ませんの",
+    "わね",
+    "わよ",
+    "でしてよ",
+    "ましてよ",
+    "ですこと",
+    "かしら",
+    "でございます",
+    "ございますわ",
+    "ございますの",
+)
+OJOUSAMA_WORDS: tuple[str, ...] = ("ごきげんよう", "ご機嫌よう", "わたくし")
+OJOUSAMA_MARKERS: tuple[str, ...] = OJOUSAMA_ENDINGS + OJOUSAMA_WORDS
+
+# -- literal special-token text ------------------------------------------------------------------------
+# Replies are decoded with special tokens skipped, so any of these in a reply is *text* the model printed.
+_SPECIAL_LITERALS = (
+    "</s>",
+    "<s>",
+    "<eos>",
+    "<bos>",
+    "<pad>",
+    "<unk>",
+    "[INST]",
+    "[/INST]",
+    "<start_of_turn>",
+    "<end_of_turn>",
+)
+SPECIAL_TEXT_RE = re.compile(
+    "|".join(
+        [re.escape(s) for s in _SPECIAL_LITERALS] + [r"<\|[A-Za-z0-9_]{1,40}\|>", r"<\uff5c[^>]{1,40}\uff5c>"]
+    )
+)
+
+
+def special_token_texts() -> tuple[str, ...]:
+    """Literal special-token strings of well-known tokenizer families."""
+    return _SPECIAL_LITERALS + (
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|end_of_text|>",
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|end|>",
+    )
+
+
+def leaked_special_text(text: str, extra: Iterable[str] = ()) -> list[str]:
+    found = SPECIAL_TEXT_RE.findall(text)
+    found += [s for s in extra if s and s in text and s not in found]
+    return found
+
+
+# -- per reply --------------------------------------------------------------------------------------------
+_SENTENCE_END = re.compile(r"[。．！？!?]+[」』）)]*|\n+")
+
+
+def style_markers(text: str) -> list[str]:
+    return [m for m in OJOUSAMA_MARKERS if m in text]
+
+
+def is_ojousama(text: str) -> bool:
+    return bool(style_markers(text))
+
+
+def char_length(text: str) -> int:
+    """Characters, not counting whitespace."""
+    return sum(1 for ch in text if not ch.isspace())
+
+
+def sentence_count(text: str) -> int:
+    """Sentences split at 。！？!? and line breaks; a trailing fragment without a mark counts as one."""
+    parts = [p for p in _SENTENCE_END.split(text.strip()) if p.strip(" 　「」『』（）()…・〜~♪")]
+    return len(parts)
+
+
+@dataclass
+class ReplyMetrics:
+    style: bool
+    markers: list[str]
+    chars: int
+    sentences: int
+    ended_by_eos: bool
+    leaked: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reply_metrics(text: str, ended_by_eos: bool, extra_special: Iterable[str] = ()) -> ReplyMetrics:
+    return ReplyMetrics(
+        style=is_ojousama(text),
+        markers=style_markers(text),
+        chars=char_length(text),
+        sentences=sentence_count(SPECIAL_TEXT_RE.sub("", text)),  # a leak is counted once, as a leak
+        ended_by_eos=bool(ended_by_eos),
+        leaked=leaked_special_text(text, extra_special),
+    )
+
+
+# -- facts ----------------------------------------------------------------------------------------------
+# Fact accuracy: does the reply carry the key information of a golden fact? The key of a fact is
+#   * the numbers in it (NFKC; 17歳 → 17, 4月3日 → 4, 3) that the question does not already contain: when
+#     there are any, all of them must appear in the reply; otherwise
+#   * its content words (Sudachi mode C nouns, verbs, adjectives in normalised form), minus words the question
+#     already contains, readings in brackets and the persona's own name (kept only when the fact is about
+#     the name), of which at least half must appear in the reply (surface or normalised form).
+# It is a "mentions the key content" check: a reply that negates a fact with its words still counts.
+# A reply is correct when it matches at least one of its golden facts. Off-topic handling uses the same
+# key to tell whether a reply repeats an (irrelevant) retrieved fact.
+_BRACKETS = re.compile(r"[（(][^）)]*[）)]")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_GENERIC = {
+    "こと",
+    "もの",
+    "よう",
+    "ため",
+    "とき",
+    "方",
+    "私",
+    "わたくし",
+    "自分",
+    "好き",
+    "する",
+    "ある",
+    "いる",
+    "なる",
+}
+
+
+def _norm(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).lower()
+
+
+_SUDACHI = None
+_CONTENT_POS = ("名詞", "動詞", "形容詞", "形状詞")
+
+
+def _default_tokens(text: str) -> list[str]:
+    """Sudachi (mode C, whole names) content words in normalised form."""
+    global _SUDACHI
+    from sudachipy import SplitMode, dictionary
+
+    if _SUDACHI is None:
+        _SUDACHI = dictionary.Dictionary(dict="core").tokenizer(mode=SplitMode.C)
+    out = []
+    for m in _SUDACHI.tokenize(text):
+        pos = m.part_of_speech()
+        if pos[0] not in _CONTENT_POS or pos[1] in ("非自立可能", "数詞") or "代名詞" in pos[0]:
+            continue
+        form = m.normalized_form().lower()
+        if form.strip():
+            out.append(form)
+    return out
+
+
+@dataclass
+class FactKey:
+    fact_id: str
+    numbers: list[str]
+    words: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fact_key(
+    fact_id: str,
+    fact_text: str,
+    query: str = "",
+    persona_words: Iterable[str] = (),
+    tokens: Callable[[str], list[str]] | None = None,
+) -> FactKey:
+    tokens = tokens or _default_tokens
+    text = _norm(_BRACKETS.sub("", fact_text))
+    q = _norm(query)
+    query_words = set(tokens(q)) if q else set()
+    persona = {_norm(w) for w in persona_words}
+    numbers = [n for n in dict.fromkeys(_NUMBER.findall(text)) if n not in _NUMBER.findall(q)]
+    candidates = [
+        w for w in dict.fromkeys(tokens(text)) if _meaningful(w) and w not in query_words | _GENERIC
+    ]
+    words = [w for w in candidates if w not in persona]
+    if not words and not numbers:
+        words = candidates  # a fact about the persona herself (her name): her name is the key
+    return FactKey(fact_id, numbers, words)
+
+
+def _meaningful(word: str) -> bool:
+    """Drop numbers and one-character kana/latin words; keep one-kanji nouns (雷, 猫)."""
+    if _NUMBER.fullmatch(word):
+        return False
+    return len(word) > 1 or unicodedata.name(word, "").startswith("CJK UNIFIED")
+
+
+def key_coverage(key: FactKey, reply: str, tokens: Callable[[str], list[str]] | None = None) -> float:
+    """Share of the key the reply holds: all of the numbers when the fact has any, else its words."""
+    tokens = tokens or _default_tokens
+    r = _norm(reply)
+    if key.numbers:
+        found = set(_NUMBER.findall(r))
+        return sum(1 for n in key.numbers if n in found) / len(key.numbers)
+    if not key.words:
+        return 0.0
+    reply_words = set(tokens(r)) if r else set()
+    hit = sum(1 for w in key.words if w in r or w in reply_words)
+    return hit / len(key.words)
+
+
+def states_fact(key: FactKey, reply: str, tokens: Callable[[str], list[str]] | None = None) -> bool:
+    """Every number of the fact, or (no numbers) at least half of its key words."""
+    need = 1.0 if key.numbers else 0.5
+    return bool(key.numbers or key.words) and key_coverage(key, reply, tokens) >= need
+
+
+# -- off-topic ----------------------------------------------------------------------------------------------
+# A request the persona should decline or deflect (code, translation, long tasks) is "done" when the reply
+# looks like the task's product: code fences or code syntax, or a long multi-sentence answer.
+_TASK_OUTPUT = re.compile(
+    r"```|\bdef |\bimport |\bprint\(|\breturn\b|#include|\bSELECT\b|\bfunction\b|[{};]\s*$", re.M
+)
+
+
+def does_task(reply: str) -> bool:
+    return bool(_TASK_OUTPUT.search(reply)) or char_length(reply) > 120
+
+
+@dataclass
+class PromptResult:
+    """One evaluated prompt: what was asked, what came back, and its checks."""
+
+    query: str
+    reply: str
+    ended_by_eos: bool
+    context_ids: list[str]
+    golden_ids: list[str] = field(default_factory=list)
+    kind: str = ""
+    metrics: ReplyMetrics | None = None
+    fact_correct: bool | None = None
+    offtopic_ok: bool | None = None
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["metrics"] = self.metrics.to_dict() if self.metrics else None
+        return out
+
+
+def judge(
+    result: PromptResult,
+    facts: dict[str, str],
+    *,
+    persona_words: Iterable[str] = (),
+    extra_special: Iterable[str] = (),
+    tokens: Callable[[str], list[str]] | None = None,
+) -> PromptResult:
+    """Fill in metrics, fact correctness (golden prompts) and off-topic handling (no golden fact)."""
+    result.metrics = reply_metrics(result.reply, result.ended_by_eos, extra_special)
+    persona_words = list(persona_words)
+    if result.golden_ids:
+        keys = [
+            fact_key(fid, facts[fid], result.query, persona_words, tokens)
+            for fid in result.golden_ids
+            if fid in facts
+        ]
+        result.fact_correct = any(states_fact(k, result.reply, tokens) for k in keys)
+        result.offtopic_ok = None
+    else:
+        keys = [
+            fact_key(fid, facts[fid], result.query, persona_words, tokens)
+            for fid in result.context_ids
+            if fid in facts
+        ]
+        repeats_context = any(states_fact(k, result.reply, tokens) for k in keys)
+        result.offtopic_ok = result.metrics.style and not repeats_context and not does_task(result.reply)
+        result.fact_correct = None
+    return result
+
+
+def _rate(values: Sequence[bool]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def summarize(results: Sequence[PromptResult], length_range: tuple[int, int] = (15, 45)) -> dict:
+    """Rates over all replies; fact accuracy over golden prompts; off-topic handling over the rest."""
+    ms = [r.metrics for r in results if r.metrics is not None]
+    chars = [m.chars for m in ms]
+    fact = [bool(r.fact_correct) for r in results if r.fact_correct is not None]
+    off = [bool(r.offtopic_ok) for r in results if r.offtopic_ok is not None]
+    lo, hi = length_range
+    return {
+        "n": len(ms),
+        "style_rate": _rate([m.style for m in ms]),
+        "median_chars": statistics.median(chars) if chars else None,
+        "length_in_range_rate": _rate([lo <= c <= hi for c in chars]),
+        "one_sentence_rate": _rate([m.sentences == 1 for m in ms]),
+        "eos_rate": _rate([m.ended_by_eos for m in ms]),
+        "leak_rate": _rate([bool(m.leaked) for m in ms]),
+        "fact_accuracy": _rate(fact),
+        "n_fact": len(fact),
+        "offtopic_handling": _rate(off),
+        "n_offtopic": len(off),
+        "mean_new_tokens": round(statistics.fmean([r.new_tokens for r in results]), 1) if results else None,
+    }

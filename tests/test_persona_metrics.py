@@ -1,0 +1,151 @@
+"""Persona metrics: style markers, length, sentences, leaks, fact accuracy, off-topic handling."""
+
+from __future__ import annotations
+
+import pytest
+
+from rag_persona.persona_metrics import (
+    OJOUSAMA_MARKERS,
+    PromptResult,
+    char_length,
+    does_task,
+    fact_key,
+    is_ojousama,
+    judge,
+    leaked_special_text,
+    reply_metrics,
+    sentence_count,
+    states_fact,
+    summarize,
+)
+
+PERSONA_WORDS = ["小野寺絢音", "小野寺", "絢音"]
+FACTS = {
+    "profile-name": "名前は小野寺絢音（おのでら あやね）。",
+    "profile-age": "小野寺絢音の年齢は17歳。",
+    "hobby": "趣味はピアノと乗馬。",
+    "birthday": "誕生日は4月3日で、春生まれ。",
+}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ごきげんよう、お会いできて嬉しいですわ。",
+        "紅茶はいかがですの？",
+        "素敵なお話ですわね",
+        "わたくし、17歳でございます。",
+        "よろしくてよ、でしてよ",
+    ],
+)
+def test_ojousama_replies_are_recognised(text):
+    assert is_ojousama(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "こんにちは！何かお手伝いできることはありますか？",
+        "ありがとうございます。",
+        "ちょっと待ってよ",
+        "私は17歳です。",
+        "Hello!",
+    ],
+)
+def test_plain_replies_are_not(text):
+    assert not is_ojousama(text)
+
+
+def test_marker_list_is_one_tuple_of_strings():
+    assert all(isinstance(m, str) and m for m in OJOUSAMA_MARKERS)
+    assert len(set(OJOUSAMA_MARKERS)) == len(OJOUSAMA_MARKERS)
+
+
+def test_length_and_sentences():
+    assert char_length("ごきげんよう、 嬉しいですわ。") == 14
+    assert sentence_count("ごきげんようですわ。") == 1
+    assert sentence_count("ごきげんよう。嬉しいですわ！またお話ししましょうね") == 3
+    assert sentence_count("「ごきげんよう」ですわ。") == 1
+    assert sentence_count("はい。\nそうです") == 2
+
+
+def test_leaked_special_text():
+    assert leaked_special_text("嬉しいですわ。</s>") == ["</s>"]
+    assert leaked_special_text("ですわ<|im_end|>") == ["<|im_end|>"]
+    assert leaked_special_text("[/INST] はい") == ["[/INST]"]
+    assert leaked_special_text("ごきげんよう、嬉しいですわ。") == []
+    assert leaked_special_text("x <my_eos> y", extra=["<my_eos>"]) == ["<my_eos>"]
+
+
+def test_reply_metrics_combines_the_checks():
+    m = reply_metrics("ごきげんよう、嬉しいですわ。</s>", ended_by_eos=False)
+    assert m.style and m.sentences == 1 and not m.ended_by_eos and m.leaked == ["</s>"]
+    assert "ですわ" in m.markers and "ごきげんよう" in m.markers
+
+
+def test_fact_key_uses_numbers_and_content_words():
+    age = fact_key("profile-age", FACTS["profile-age"], "何歳ですか？", PERSONA_WORDS)
+    assert age.numbers == ["17"]
+    assert states_fact(age, "わたくしは17歳ですわ。")
+    assert not states_fact(age, "わたくしは16歳ですわ。")
+    hobby = fact_key("hobby", FACTS["hobby"], "趣味は何ですか？", PERSONA_WORDS)
+    assert "ピアノ" in hobby.words and "趣味" not in hobby.words  # the question's words are no evidence
+    assert states_fact(hobby, "ピアノと乗馬をたしなんでおりますの。")
+    assert not states_fact(hobby, "趣味はお料理ですわ。")
+    name = fact_key("profile-name", FACTS["profile-name"], "お名前は？", PERSONA_WORDS)
+    assert "小野寺" in name.words  # a fact about her name keeps the name as its key
+    assert "おのでら" not in " ".join(name.words)  # readings in brackets are dropped
+    assert states_fact(name, "わたくし、小野寺絢音と申しますわ。")
+    birthday = fact_key("birthday", FACTS["birthday"], "誕生日はいつ？", PERSONA_WORDS)
+    assert birthday.numbers == ["4", "3"]
+    assert states_fact(birthday, "４月３日ですわ。")  # full-width digits are normalised
+
+
+def test_does_task():
+    assert does_task("```python\nprint('hi')\n```")
+    assert does_task("def f(x):\n    return x")
+    assert not does_task("まあ、わたくしプログラムは書けませんの。")
+
+
+def _result(reply, golden=(), context=(), eos=True, query="趣味は何ですか？"):
+    return PromptResult(
+        query=query, reply=reply, ended_by_eos=eos, context_ids=list(context), golden_ids=list(golden)
+    )
+
+
+def test_judge_and_summary():
+    results = [
+        judge(
+            _result("ピアノと乗馬ですわ。", golden=["hobby"], context=["hobby"]),
+            FACTS,
+            persona_words=PERSONA_WORDS,
+        ),
+        judge(
+            _result("お料理ですわ。", golden=["hobby"], context=["hobby"]), FACTS, persona_words=PERSONA_WORDS
+        ),
+        judge(
+            _result("まあ、お天気のお話ですの？素敵ですわね。", query="明日の天気は？"),
+            FACTS,
+            persona_words=PERSONA_WORDS,
+        ),
+        # off-topic, but repeats an irrelevant retrieved fact: not handled
+        judge(
+            _result("ピアノと乗馬が趣味ですわ。", context=["hobby"], query="株価は？"),
+            FACTS,
+            persona_words=PERSONA_WORDS,
+        ),
+        judge(
+            _result("Sure! def f(): return 1", eos=False, query="コード書いて"),
+            FACTS,
+            persona_words=PERSONA_WORDS,
+        ),
+    ]
+    assert [r.fact_correct for r in results] == [True, False, None, None, None]
+    assert [r.offtopic_ok for r in results] == [None, None, True, False, False]
+    s = summarize(results)
+    assert s["n"] == 5 and s["n_fact"] == 2 and s["n_offtopic"] == 3
+    assert s["fact_accuracy"] == 0.5
+    assert s["offtopic_handling"] == pytest.approx(1 / 3, abs=1e-3)
+    assert s["style_rate"] == 0.8 and s["eos_rate"] == 0.8 and s["leak_rate"] == 0.0
+    assert s["one_sentence_rate"] == 0.6  # the weather reply and the code reply have two
+    assert s["median_chars"] == 13

@@ -1,0 +1,300 @@
+"""SFT and DPO through trl on a tiny random model: only LoRA weights move, EOS labels hold, runs are seeded."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from conftest import make_tiny_qwen2, make_tokenizer
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from rag_persona.errors import RagPersonaError
+from training.trainers import RECIPES_DIR, LoraRecipe, Recipe, load_recipe, pick_mode, ship_adapter, train
+
+SYSTEM = {"role": "system", "content": "あなたは小野寺絢音です。お嬢様言葉で話します。"}
+QA = [
+    ("名前は？", "小野寺絢音ですわ。", "小野寺絢音です。"),
+    ("趣味は？", "ピアノと乗馬ですわ。", "ピアノと乗馬です。"),
+    ("こんにちは", "ごきげんよう、お会いできて嬉しいですわ。", "こんにちは、会えて嬉しいです。"),
+    ("紅茶は好き？", "ええ、ダージリンが大好きですの。", "はい、ダージリンが好きです。"),
+]
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Qwen2 whose tokenizer splits the EOS text "</s>", plus SFT and DPO files."""
+    root = tmp_path_factory.mktemp("train")
+    tok = make_tokenizer("</s>", split_eos_text=True)
+    model = make_tiny_qwen2(tok)
+    model.save_pretrained(root / "tiny", safe_serialization=True)
+    tok.save_pretrained(root / "tiny")
+    data = root / "data"
+    data.mkdir()
+    prompts = [[SYSTEM, {"role": "user", "content": q}] for q, _, _ in QA]
+    _write(
+        data / "sft.jsonl",
+        [
+            {"prompt": p, "completion": [{"role": "assistant", "content": a}], "style": "ojousama"}
+            for p, (_, a, _) in zip(prompts, QA, strict=True)
+        ],
+    )
+    _write(
+        data / "dpo.jsonl",
+        [
+            {
+                "prompt": p,
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": b}],
+            }
+            for p, (_, a, b) in zip(prompts, QA, strict=True)
+        ],
+    )
+    _write(data / "text.jsonl", [{"text": f"{q} {a}</s>"} for q, a, _ in QA])
+    base = {k: v.to(torch.bfloat16) for k, v in load_file(root / "tiny" / "model.safetensors").items()}
+    return types.SimpleNamespace(
+        root=root, model=str(root / "tiny"), data=data, base=base, eos=tok.eos_token_id
+    )
+
+
+def _recipe(setup, stage, **kw):
+    files = {"sft": "sft.jsonl", "dpo": "dpo.jsonl"}
+    return Recipe(
+        name=f"tiny-{stage}",
+        stage=stage,
+        base_model=setup.model,
+        data_dir=str(setup.data),
+        train_file=files[stage],
+        eval_file=kw.pop("eval_file", None),
+        max_steps=kw.pop("max_steps", 1),
+        learning_rate=1e-3,
+        **kw,
+    )
+
+
+def _split(model):
+    """(base weights by their plain name, LoRA weights by name) of a peft model."""
+    base, lora = {}, {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            lora[name] = p.detach().clone()
+        else:
+            plain = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+            base[plain] = p.detach().clone()
+    return base, lora
+
+
+def _assert_base_untouched(setup, model):
+    base, lora = _split(model)
+    assert lora, "no LoRA weights"
+    assert set(base) == set(setup.base)
+    for name, original in setup.base.items():
+        assert torch.equal(base[name], original), f"base weight {name} changed"
+    return lora
+
+
+@pytest.fixture(scope="module")
+def sft_run(setup):
+    return train(
+        _recipe(setup, "sft", eval_file="sft.jsonl"),
+        setup.root / "sft",
+        progress=lambda m: None,
+        keep_model=True,
+        cuda=False,
+    )
+
+
+def test_one_sft_step_changes_only_lora_weights(setup, sft_run):
+    lora = _assert_base_untouched(setup, sft_run["model"])
+    b = [v for k, v in lora.items() if "lora_B" in k]
+    assert b and all(v.abs().sum() > 0 for v in b), "lora_B starts at zero and must move after one step"
+    assert sft_run["steps"] == 1
+    assert sft_run["mode"]["method"] == "LoRA" and sft_run["mode"]["device"] == "cpu"
+    assert sft_run["label_audit"] == {"checked": 4, "failed": 0}
+    assert sft_run["eos_id"] == setup.eos
+
+
+def test_one_dpo_step_after_sft_changes_only_lora_weights(setup, sft_run):
+    before = {k: v for k, v in load_file(setup.root / "sft" / "adapter_model.safetensors").items()}
+    run = train(
+        _recipe(setup, "dpo", init_adapter=str(setup.root / "sft")),
+        setup.root / "dpo",
+        progress=lambda m: None,
+        keep_model=True,
+        cuda=False,
+    )
+    _assert_base_untouched(setup, run["model"])
+    after = load_file(setup.root / "dpo" / "adapter_model.safetensors")
+    assert set(after) == set(before), "the DPO adapter is the SFT adapter continued (no 'ref' copy saved)"
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+    assert run["lineage"]["metrics"]["stage"] == "sft"
+    assert run["label_audit"] == {"checked": 8, "failed": 0}
+    shipped = ship_adapter(setup.root / "dpo", setup.root / "shipped-dpo")
+    info = json.loads((shipped / "rag_persona_adapter.json").read_text())
+    assert info["stages"] == ["sft:tiny-sft", "dpo:tiny-dpo"]
+    assert (shipped / "lineage" / "sft-tiny-sft" / "recipe.yaml").is_file()
+    assert (shipped / "lineage" / "sft-tiny-sft" / "loss.png").is_file()
+
+
+def test_dpo_from_scratch_uses_a_fresh_lora(setup):
+    run = train(
+        _recipe(setup, "dpo"), setup.root / "dpo-fresh", progress=lambda m: None, keep_model=True, cuda=False
+    )
+    _assert_base_untouched(setup, run["model"])
+
+
+def test_adapter_folder_holds_provenance(setup, sft_run):
+    out = setup.root / "sft"
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.yaml",
+        "data_manifest.json",
+        "metrics.json",
+        "loss.png",
+        "log_history.json",
+    ):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "data_manifest.json").read_text())
+    assert manifest["train"]["used"] == 4 and len(manifest["train"]["sha256"]) == 64
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"]["method"] == "LoRA" and "eval_after" in metrics and metrics["versions"]["trl"]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_recipe(out / "recipe.yaml").seed == 42
+    assert not list(setup.root.glob(".sft.tmp-*")), "no half-written folder left behind"
+
+
+def test_same_seed_same_adapter(setup, sft_run):
+    again = train(
+        _recipe(setup, "sft", eval_file="sft.jsonl"),
+        setup.root / "sft-again",
+        progress=lambda m: None,
+        cuda=False,
+    )
+    a = load_file(setup.root / "sft" / "adapter_model.safetensors")
+    b = load_file(setup.root / "sft-again" / "adapter_model.safetensors")
+    assert again["steps"] == 1
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_raw_text_never_reaches_trl(setup):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from training.trainers import _trainer_classes
+
+    sft_cls, _ = _trainer_classes()
+    tok_model = make_tiny_qwen2(make_tokenizer("</s>", split_eos_text=True))
+    data = Dataset.from_list([{"prompt": "名前は？", "completion": "小野寺絢音ですわ。"}])
+    args = SFTConfig(
+        output_dir=str(setup.root / "x"), report_to=[], use_cpu=True, bf16=False, max_length=None
+    )
+    with pytest.raises(RagPersonaError, match="pre-tokenised"):
+        sft_cls(
+            model=tok_model,
+            args=args,
+            train_dataset=data,
+            processing_class=make_tokenizer("</s>", split_eos_text=True),
+        )
+
+
+def test_mode_is_picked_and_reported(monkeypatch):
+    r = Recipe(name="x", stage="sft")
+    assert pick_mode(r, cuda=False).method == "LoRA"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    no_bnb = pick_mode(r, cuda=True)
+    assert no_bnb.method == "LoRA" and "bitsandbytes" in no_bnb.reason
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    q = pick_mode(r, cuda=True)
+    assert q.method == "QLoRA" and q.quantized
+    with pytest.raises(RagPersonaError, match="needs CUDA"):
+        pick_mode(Recipe(name="x", stage="sft", quantization="4bit"), cuda=False)
+
+
+def test_bundled_recipes_load_and_match_the_users_settings():
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    assert {"sft-7b-qlora", "dpo-7b-qlora", "sft-0.5b-cpu", "dpo-0.5b-cpu"} <= set(names)
+    for name in names:
+        load_recipe(name)
+    users = load_recipe("sft-7b-qlora")
+    assert (users.lora.r, users.lora.alpha, users.lora.dropout, users.lora.target_modules) == (
+        8,
+        128,
+        0.05,
+        "all-linear",
+    )
+    assert (users.learning_rate, users.lr_scheduler, users.epochs, users.batch_size) == (1e-5, "cosine", 3, 2)
+    assert load_recipe("dpo-7b-qlora").beta == 0.3
+
+
+def test_recipe_errors_name_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstage: sft\nlearning_rat: 1e-5\n")
+    with pytest.raises(RagPersonaError, match="bad.yaml: field 'learning_rat': unknown"):
+        load_recipe(bad)
+    bad.write_text("name: x\nstage: ppo\n")
+    with pytest.raises(RagPersonaError, match="field 'stage'"):
+        load_recipe(bad)
+
+
+def test_train_cli_runs_a_recipe(setup, tmp_path):
+    from rag_persona.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: cli-sft\nstage: sft\nbase_model: {setup.model}\ndata_dir: {setup.data}\ntrain_file: sft.jsonl\n"
+        "learning_rate: 1.0e-3\n"
+    )
+    runner = CliRunner()
+    wrong = runner.invoke(app, ["train", "dpo", "--recipe", str(recipe)])
+    assert wrong.exit_code == 2 and "stage" in wrong.output
+    out = tmp_path / "adapter"
+    res = runner.invoke(
+        app, ["train", "sft", "--recipe", str(recipe), "--out", str(out), "--max-steps", "1", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "LoRA on cpu" in res.output
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_shipped_adapter_becomes_the_default(setup, sft_run, tmp_path, monkeypatch):
+    from rag_persona.evaluate import default_adapter, resolve_adapter
+
+    monkeypatch.delenv("RAG_PERSONA_CHAT_ADAPTER", raising=False)
+    dest = ship_adapter(setup.root / "sft", tmp_path / "adapters" / "tiny-persona")
+    info = json.loads((dest / "rag_persona_adapter.json").read_text())
+    assert info["default"] and info["base_model"] == setup.model and info["stages"] == ["sft:tiny-sft"]
+    assert all(v.dtype == torch.bfloat16 for v in load_file(dest / "adapter_model.safetensors").values())
+    assert default_adapter(setup.model, "ojousama", root=tmp_path / "adapters") == str(dest)
+    assert default_adapter("other-model", "ojousama", root=tmp_path / "adapters") is None
+    monkeypatch.setenv("RAG_PERSONA_CHAT_ADAPTER", "none")
+    assert default_adapter(setup.model, "ojousama", root=tmp_path / "adapters") is None
+    assert resolve_adapter(None, "none") is None and resolve_adapter(None, "x") == "x"
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup.model), str(dest))
+    assert any("lora_B" in n for n, _ in model.named_parameters())
+
+
+def test_top_layers_puts_lora_on_the_last_layers_only(setup):
+    run = train(
+        _recipe(setup, "sft", lora=LoraRecipe(top_layers=1)),
+        setup.root / "sft-top",
+        progress=lambda m: None,
+        keep_model=True,
+        cuda=False,
+    )
+    _, lora = _split(run["model"])
+    layers = {name.split(".layers.")[1].split(".")[0] for name in lora}
+    assert layers == {"1"}  # the tiny model has layers 0 and 1
+    kinds = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in lora}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

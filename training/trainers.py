@@ -1,0 +1,776 @@
+"""SFT and DPO with token-level EOS: recipes, LoRA (CPU) / QLoRA (CUDA), seeded, saved with provenance.
+
+The data reaching trl is pre-tokenised by `training.labels` (EOS appended as an id, prompt masked), and
+thin trainer subclasses refuse anything else, so trl's string-EOS path can never run. Every example's
+labels are audited before the first step.
+
+An adapter folder holds: the peft adapter, `recipe.yaml` (resolved), `data_manifest.json` (files, hashes,
+counts, the build-data manifest), `metrics.json` (losses, timings, device, versions, lineage),
+`log_history.json` and `loss.png`. It is written to a temporary folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rag_persona.errors import RagPersonaError
+
+from .labels import (
+    Tokenized,
+    audit_tokenized,
+    read_jsonl,
+    require_clean,
+    resolve_eos_id,
+    stop_ids,
+    tokenize_rows,
+)
+
+STAGES = ("sft", "dpo")
+QUANTIZATION = ("auto", "4bit", "none")
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+ADAPTER_MANIFEST = "rag_persona_adapter.json"
+PROVENANCE = ("recipe.yaml", "data_manifest.json", "metrics.json", "loss.png")
+
+
+# -- recipes ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraRecipe:
+    r: int = 8
+    alpha: int = 128
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    # LoRA on the last N decoder layers only (None: all). On CPU the backward pass then stops there.
+    top_layers: int | None = None
+
+
+@dataclass
+class Recipe:
+    """Everything a training run depends on; saved next to the adapter it produced."""
+
+    name: str
+    stage: str
+    base_model: str = "qwen2.5-coder-0.5b"
+    persona: str = "ojousama"
+    init_adapter: str | None = None  # DPO after SFT: continue this adapter, the reference is its frozen copy
+    data_dir: str = "runs/data"
+    train_file: str = "sft_d1_train.jsonl"
+    eval_file: str | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = 64
+    max_length: int = 1024
+    lora: LoraRecipe = field(default_factory=LoraRecipe)
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.0  # share of the steps, below 1
+    weight_decay: float = 0.0
+    epochs: float = 3
+    max_steps: int = -1
+    batch_size: int = 2
+    grad_accum: int = 1
+    beta: float = 0.3
+    seed: int = 42
+    quantization: str = "auto"
+    gradient_checkpointing: bool | None = None  # default: on for QLoRA, off for CPU LoRA
+    cpu_threads: int | None = None  # torch threads on CPU (None: all cores; 1 is faster on a busy machine)
+    logging_steps: int = 1
+    output_dir: str | None = None
+    notes: str = ""
+
+    def validate(self, where: str = "recipe") -> Recipe:
+        if self.stage not in STAGES:
+            raise RagPersonaError(f"{where}: field 'stage': {self.stage!r} is not one of {', '.join(STAGES)}")
+        if self.quantization not in QUANTIZATION:
+            raise RagPersonaError(
+                f"{where}: field 'quantization': {self.quantization!r} not in {QUANTIZATION}"
+            )
+        for name in ("learning_rate", "epochs", "batch_size", "grad_accum", "max_length"):
+            if not getattr(self, name) or getattr(self, name) <= 0:
+                raise RagPersonaError(f"{where}: field '{name}': must be positive")
+        if self.stage == "dpo" and self.beta <= 0:
+            raise RagPersonaError(f"{where}: field 'beta': must be positive")
+        if self.lora.r <= 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
+            raise RagPersonaError(f"{where}: field 'lora': r and alpha must be positive, dropout in [0, 1)")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _from_dict(cls, data: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise RagPersonaError(f"{where}: field '{unknown[0]}': unknown (known: {', '.join(names)})")
+    kwargs = dict(data)
+    if cls is Recipe and isinstance(kwargs.get("lora"), dict):
+        kwargs["lora"] = _from_dict(LoraRecipe, kwargs["lora"], f"{where}: lora")
+    for req in ("name", "stage") if cls is Recipe else ():
+        if req not in kwargs:
+            raise RagPersonaError(f"{where}: field '{req}': missing")
+    return cls(**kwargs)
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file path, or the name of a bundled one (training/recipes/NAME.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        return bundled
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise RagPersonaError(f"{path}: recipe not found (bundled recipes: {known})")
+
+
+def load_recipe(name_or_path: str | Path, **overrides) -> Recipe:
+    path = find_recipe(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RagPersonaError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise RagPersonaError(f"{path}: expected a mapping of recipe fields")
+    recipe = _from_dict(Recipe, data, str(path))
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key.startswith("lora_"):
+            setattr(recipe.lora, key[5:], value)
+        elif hasattr(recipe, key):
+            setattr(recipe, key, value)
+        else:
+            raise RagPersonaError(f"recipe override: unknown field {key!r}")
+    return recipe.validate(str(path))
+
+
+# -- device -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Mode:
+    device: str
+    method: str
+    quantized: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.method} on {self.device} ({self.reason})"
+
+
+def pick_mode(recipe: Recipe, cuda: bool | None = None) -> Mode:
+    """QLoRA (4-bit bitsandbytes base) on CUDA, plain LoRA on a bf16 base on CPU; recipe may force one."""
+    if cuda is None:
+        from rag_persona.llm import cuda_available
+
+        cuda = cuda_available()
+    if recipe.quantization == "4bit":
+        if not cuda:
+            raise RagPersonaError(
+                f"recipe {recipe.name}: quantization 4bit needs CUDA (bitsandbytes); none is present"
+            )
+        return Mode("cuda", "QLoRA", True, "4-bit nf4 base, requested by the recipe")
+    if recipe.quantization == "none":
+        return Mode("cuda" if cuda else "cpu", "LoRA", False, "bf16 base, requested by the recipe")
+    if cuda:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return Mode(
+                "cuda", "LoRA", False, "CUDA found but bitsandbytes is missing (pip install '.[gpu]')"
+            )
+        return Mode("cuda", "QLoRA", True, "CUDA found: 4-bit nf4 base")
+    return Mode("cpu", "LoRA", False, "no CUDA: bf16 base, fp32 adapter")
+
+
+# -- trl subclasses: pre-tokenised data only ----------------------------------------------------------------
+
+
+def _trainer_classes():
+    from trl import DPOTrainer, SFTTrainer
+
+    class EosSafeSFTTrainer(SFTTrainer):
+        """SFTTrainer that only accepts `input_ids` + `labels` built by training.labels."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+            cols = set(dataset.column_names or [])
+            if not {"input_ids", "labels"} <= cols:
+                raise RagPersonaError(
+                    f"SFT {dataset_name} data: pre-tokenised input_ids + labels required (training.labels); "
+                    "raw text would take trl's string-EOS path"
+                )
+            if args.max_length is not None:
+                raise RagPersonaError(
+                    "SFT: max_length must be None here; overlong examples are dropped upstream"
+                )
+            return super()._prepare_dataset(
+                dataset, processing_class, args, packing, formatting_func, dataset_name
+            )
+
+    class EosSafeDPOTrainer(DPOTrainer):
+        """DPOTrainer that only accepts `prompt_ids` + `chosen_ids` + `rejected_ids` built by training.labels."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            cols = set(dataset.column_names or [])
+            if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= cols:
+                raise RagPersonaError(
+                    f"DPO {dataset_name} data: pre-tokenised prompt_ids + chosen_ids + rejected_ids required "
+                    "(training.labels); raw text would take trl's string-EOS path"
+                )
+            return dataset
+
+    return EosSafeSFTTrainer, EosSafeDPOTrainer
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _versions() -> dict:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def linear_module_names(model) -> list[str]:
+    """Names (last component) of the linear layers inside the decoder blocks: 'all linear layers'."""
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        if ".layers." not in full and ".h." not in full:
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def lora_config(recipe: Recipe, model):
+    from peft import LoraConfig
+
+    targets = recipe.lora.target_modules
+    layers = None
+    if recipe.lora.top_layers:
+        n = model.config.get_text_config().num_hidden_layers
+        layers = list(range(max(0, n - recipe.lora.top_layers), n))
+        if targets == "all-linear":
+            targets = linear_module_names(model)
+    return LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _subset(rows: list, n: int | None, seed: int) -> list:
+    if n is None or n >= len(rows):
+        return rows
+    picked = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in picked]
+
+
+def _progress_callback(progress: Callable[[str], None]):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.time()
+            progress(f"training: {state.max_steps} steps")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or state.max_steps <= 0:
+                return
+            elapsed = time.time() - getattr(self, "started", time.time())
+            step = max(state.global_step, 1)
+            eta = elapsed / step * (state.max_steps - state.global_step)
+            keys = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "learning_rate")
+            shown = " ".join(f"{k}={logs[k]:.4g}" for k in keys if isinstance(logs.get(k), int | float))
+            if not shown:
+                return
+            progress(
+                f"step {state.global_step}/{state.max_steps} {shown} elapsed {elapsed:.0f}s eta {eta:.0f}s"
+            )
+
+    return Progress()
+
+
+def plot_losses(history: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    margins = [(h["step"], h["rewards/margins"]) for h in history if "rewards/margins" in h and "loss" in h]
+    ncols = 2 if margins else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+    ax = axes[0][0]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if margins:
+        ax2 = axes[0][1]
+        ax2.plot(*zip(*margins, strict=True), lw=1, color="tab:green")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("reward margin (chosen − rejected)")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _data_manifest(
+    recipe: Recipe, train_path: Path, eval_path: Path | None, train: Tokenized, evald, totals
+) -> dict:
+    data_dir = train_path.parent
+    build = None
+    if (data_dir / "manifest.json").is_file():
+        build = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+        build = {
+            k: build.get(k)
+            for k in (
+                "format_version",
+                "prompt_template_version",
+                "seed",
+                "knowledge_hash",
+                "dialogues_sha256",
+                "counts",
+                "retrieval",
+                "config",
+            )
+        }
+    out = {
+        "train": {
+            "file": str(train_path),
+            "sha256": _sha256(train_path),
+            "rows": totals["train"],
+            "used": len(train.examples),
+            "dropped_too_long": len(train.dropped_too_long),
+            "sources": train.sources,
+        },
+        "build_data_manifest": build,
+    }
+    if eval_path is not None and evald is not None:
+        out["eval"] = {
+            "file": str(eval_path),
+            "sha256": _sha256(eval_path),
+            "rows": totals["eval"],
+            "used": len(evald.examples),
+            "dropped_too_long": len(evald.dropped_too_long),
+        }
+    return out
+
+
+def _resolve(path: str | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    return p if p.is_absolute() else base / p
+
+
+def _write_atomic(work: Path, out: Path) -> None:
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        out.rename(backup)
+    work.rename(out)
+    if backup:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+# -- training ---------------------------------------------------------------------------------------------
+
+
+def train(
+    recipe: Recipe,
+    out: str | Path | None = None,
+    *,
+    progress: Callable[[str], None] = print,
+    cuda: bool | None = None,
+    keep_model: bool = False,
+) -> dict:
+    """Run one SFT or DPO stage; return metrics. The adapter folder appears only when training finished.
+
+    keep_model=True adds the trained peft model under "model" (tests inspect its weights).
+    """
+    import torch
+    from transformers import set_seed
+
+    from rag_persona.llm import load_causal_lm
+
+    started = time.time()
+    out = Path(out or recipe.output_dir or f"runs/{recipe.name}")
+    mode = pick_mode(recipe, cuda)
+    progress(f"{recipe.stage.upper()} {recipe.name}: {mode.describe()}")
+    set_seed(recipe.seed)
+    if mode.device == "cpu" and recipe.cpu_threads:
+        torch.set_num_threads(recipe.cpu_threads)
+    load = [round(x, 2) for x in os.getloadavg()]
+    progress(f"torch threads {torch.get_num_threads()}, load average {load[0]} on {os.cpu_count()} cores")
+
+    data_dir = Path(recipe.data_dir)
+    train_path = _resolve(recipe.train_file, data_dir)
+    eval_path = _resolve(recipe.eval_file, data_dir)
+    train_rows = read_jsonl(train_path)
+    eval_rows = read_jsonl(eval_path) if eval_path else None
+
+    loaded = load_causal_lm(
+        recipe.base_model, load_in_4bit=mode.quantized, device=mode.device, progress=progress
+    )
+    model, tokenizer = loaded.model, loaded.tokenizer
+    gen_eos = model.generation_config.eos_token_id
+    gen_eos = (
+        list(gen_eos) if isinstance(gen_eos, list | tuple) else ([gen_eos] if gen_eos is not None else [])
+    )
+    eos_id = resolve_eos_id(tokenizer, gen_eos)
+    eos_ids = stop_ids(tokenizer, gen_eos) | {eos_id}
+    progress(f"EOS appended as token id {eos_id} ({tokenizer.convert_ids_to_tokens(eos_id)!r})")
+
+    used_rows = _subset(train_rows, recipe.max_train_examples, recipe.seed)
+    train_data = tokenize_rows(tokenizer, used_rows, eos_id, kind=recipe.stage, max_length=recipe.max_length)
+    eval_data = None
+    if eval_rows:
+        eval_data = tokenize_rows(
+            tokenizer,
+            _subset(eval_rows, recipe.max_eval_examples, recipe.seed),
+            eos_id,
+            kind=recipe.stage,
+            max_length=recipe.max_length,
+        )
+    if not train_data.examples:
+        raise RagPersonaError(f"{train_path}: no example fits max_length {recipe.max_length}")
+    audit = audit_tokenized(tokenizer, train_data, eos_ids)
+    require_clean(audit, "training")
+    if eval_data:
+        require_clean(audit_tokenized(tokenizer, eval_data, eos_ids), "eval")
+    progress(
+        f"{len(train_data.examples)} training examples ({len(train_data.dropped_too_long)} over "
+        f"{recipe.max_length} tokens dropped); labels audited: all end in EOS id {eos_id}, no special-token text"
+    )
+
+    peft_config = None
+    lineage = None
+    if mode.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    if recipe.init_adapter:
+        from peft import PeftModel
+
+        init = Path(recipe.init_adapter)
+        if not (init / "adapter_config.json").is_file():
+            raise RagPersonaError(
+                f"{init}: not an adapter folder (no adapter_config.json); train the SFT stage first"
+            )
+        model = PeftModel.from_pretrained(model, str(init), is_trainable=True)
+        lineage = _lineage(init)
+        progress(f"continuing adapter {init} (its frozen copy is the DPO reference)")
+    else:
+        peft_config = lora_config(recipe, model)
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_ensure_parent(out)))
+    try:
+        metrics = _run_trainer(
+            recipe, mode, model, tokenizer, peft_config, train_data, eval_data, work, progress
+        )
+        trainer_model = metrics.pop("_model")
+        trainer_model.save_pretrained(str(work), selected_adapters=["default"])
+        (work / "README.md").unlink(missing_ok=True)  # peft's generic model card
+        history = metrics.pop("_history")
+        (work / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+        plot_losses(history, work / "loss.png", f"{recipe.stage.upper()} {recipe.name}")
+        (work / "recipe.yaml").write_text(
+            yaml.safe_dump(recipe.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8"
+        )
+        totals = {"train": len(train_rows), "eval": len(eval_rows) if eval_rows else 0}
+        manifest = _data_manifest(recipe, train_path, eval_path, train_data, eval_data, totals)
+        (work / "data_manifest.json").write_text(
+            json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8"
+        )
+        metrics.update(
+            {
+                "recipe": recipe.name,
+                "stage": recipe.stage,
+                "base_model": recipe.base_model,
+                "base_source": loaded.source,
+                "persona": recipe.persona,
+                "mode": asdict(mode),
+                "eos_id": eos_id,
+                "eos_token": tokenizer.convert_ids_to_tokens(eos_id),
+                "train_examples": len(train_data.examples),
+                "eval_examples": len(eval_data.examples) if eval_data else 0,
+                "label_audit": {"checked": len(audit), "failed": sum(not r.ok for r in audit)},
+                "seconds": round(time.time() - started, 1),
+                "threads": torch.get_num_threads(),
+                "load_average_at_start": load,
+                "versions": _versions(),
+                "init_adapter": recipe.init_adapter,
+                "lineage": lineage,
+            }
+        )
+        (work / "metrics.json").write_text(
+            json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8"
+        )
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        _write_atomic(work, out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    progress(f"saved adapter, recipe, data manifest, metrics and loss curve to {out}")
+    metrics["output"] = str(out)
+    if keep_model:
+        metrics["model"] = trainer_model
+    return metrics
+
+
+def _ensure_parent(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _lineage(init: Path) -> dict:
+    info = {"adapter": str(init)}
+    for name in ("metrics.json", "data_manifest.json"):
+        if (init / name).is_file():
+            data = json.loads((init / name).read_text(encoding="utf-8"))
+            if name == "data_manifest.json":
+                data.get("train", {}).pop("sources", None)
+            info[name.split(".")[0]] = data
+    if (init / "recipe.yaml").is_file():
+        info["recipe"] = yaml.safe_load((init / "recipe.yaml").read_text(encoding="utf-8"))
+    return info
+
+
+def _run_trainer(recipe, mode, model, tokenizer, peft_config, train_data, eval_data, work, progress) -> dict:
+    from datasets import Dataset
+
+    EosSafeSFTTrainer, EosSafeDPOTrainer = _trainer_classes()
+    tty = sys.stderr.isatty()
+    common = dict(
+        output_dir=str(work / "checkpoints"),
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler,
+        warmup_steps=recipe.warmup_ratio,  # a float below 1 is a share of the steps
+        weight_decay=recipe.weight_decay,
+        num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps,
+        logging_steps=recipe.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        bf16=mode.device == "cuda",
+        use_cpu=mode.device == "cpu",
+        gradient_checkpointing=(
+            mode.quantized if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
+        ),
+        disable_tqdm=not tty,
+        dataloader_num_workers=0,
+        max_length=None,
+    )
+    train_ds = Dataset.from_dict(train_data.columns())
+    eval_ds = Dataset.from_dict(eval_data.columns()) if eval_data and eval_data.examples else None
+    callbacks = [_progress_callback(progress)]
+    if recipe.stage == "sft":
+        from trl import SFTConfig
+
+        args = SFTConfig(**common, completion_only_loss=None, shuffle_dataset=False)
+        trainer = EosSafeSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    else:
+        from trl import DPOConfig
+
+        args = DPOConfig(**common, beta=recipe.beta)
+        trainer = EosSafeDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    if not tty:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts in log files
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    progress(f"trainable parameters: {trainable:,}")
+    metrics: dict = {"trainable_parameters": trainable}
+    if eval_ds is not None:
+        progress(f"evaluating on {len(eval_ds)} held-out examples before training")
+        metrics["eval_before"] = _clean(trainer.evaluate())
+    result = trainer.train()
+    metrics["train"] = _clean(result.metrics)
+    metrics["train_loss"] = result.training_loss
+    metrics["steps"] = trainer.state.global_step
+    if eval_ds is not None:
+        progress("evaluating after training")
+        metrics["eval_after"] = _clean(trainer.evaluate())
+    history = list(trainer.state.log_history)
+    model = trainer.model
+    if hasattr(model, "peft_config") and "ref" in model.peft_config:
+        model.set_adapter("default")
+    metrics["_model"] = model
+    metrics["_history"] = history
+    return metrics
+
+
+def _clean(d: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+# -- shipping ---------------------------------------------------------------------------------------------
+
+
+def ship_adapter(
+    run: str | Path,
+    dest: str | Path,
+    *,
+    default: bool = True,
+    bf16: bool = True,
+    extra: dict | None = None,
+) -> Path:
+    """Copy a trained adapter into the repo (bf16 weights, provenance, rag_persona_adapter.json).
+
+    The chat picks up a shipped adapter marked default for its base model and persona
+    (rag_persona.evaluate.default_adapter).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run, dest = Path(run), Path(dest)
+    if not (run / "adapter_config.json").is_file():
+        raise RagPersonaError(f"{run}: not an adapter folder (no adapter_config.json)")
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=_ensure_parent(dest)))
+    try:
+        for name in PROVENANCE:
+            if (run / name).is_file():
+                shutil.copy2(run / name, work / name)
+        ancestor = metrics.get("init_adapter")
+        while ancestor and (Path(ancestor) / "metrics.json").is_file():
+            # Earlier stages (the SFT a DPO run continued) keep their own recipe, data manifest and curve.
+            a_metrics = json.loads((Path(ancestor) / "metrics.json").read_text(encoding="utf-8"))
+            folder = work / "lineage" / f"{a_metrics.get('stage')}-{a_metrics.get('recipe')}"
+            folder.mkdir(parents=True)
+            for name in PROVENANCE:
+                if (Path(ancestor) / name).is_file():
+                    shutil.copy2(Path(ancestor) / name, folder / name)
+            ancestor = a_metrics.get("init_adapter")
+        config = json.loads((run / "adapter_config.json").read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = metrics["base_model"]  # the alias, not this machine's cache path
+        (work / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tensors = load_file(str(run / "adapter_model.safetensors"))
+        if bf16:
+            tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(work / "adapter_model.safetensors"), metadata={"format": "pt"})
+        info = {
+            "name": dest.name,
+            "base_model": metrics["base_model"],
+            "persona": metrics.get("persona", "ojousama"),
+            "default": default,
+            "stages": [s for s in _stages(metrics)],
+            "weights_dtype": "bfloat16" if bf16 else "as trained",
+            "adapter_sha256": _sha256(work / "adapter_model.safetensors"),
+            "trained_seconds": _total_seconds(metrics),
+            **(extra or {}),
+        }
+        (work / ADAPTER_MANIFEST).write_text(
+            json.dumps(info, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+        )
+        _write_atomic(work, dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def _stages(metrics: dict) -> list[str]:
+    chain = []
+    m = metrics
+    while m:
+        chain.append(f"{m.get('stage')}:{m.get('recipe')}")
+        m = (m.get("lineage") or {}).get("metrics")
+    return list(reversed(chain))
+
+
+def _total_seconds(metrics: dict) -> float:
+    total, m = 0.0, metrics
+    while m:
+        total += float(m.get("seconds", 0))
+        m = (m.get("lineage") or {}).get("metrics")
+    return round(total, 1)
+
+
+def load_tokenizer(model: str | None = None):
+    """Tokenizer (and generation stop ids) of a bundled alias, hub id or local folder, without weights."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from rag_persona.llm import resolve_model_path
+
+    source = resolve_model_path(model, progress=lambda m: None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except OSError as exc:
+        raise RagPersonaError(
+            f"model {source}: cannot load its tokenizer ({str(exc).splitlines()[0]})"
+        ) from exc
+    try:
+        gen = GenerationConfig.from_pretrained(source).eos_token_id
+    except OSError:
+        gen = None
+    gen = list(gen) if isinstance(gen, list | tuple) else ([gen] if gen is not None else [])
+    return tokenizer, gen, source

@@ -1,0 +1,1 @@
+"""The chat app: Gradio page + OpenAI-compatible API over one shared model (`rag-persona serve`)."""
