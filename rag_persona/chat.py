@@ -23,11 +23,25 @@ class TurnPlan:
     context: list[ContextFact]
 
 
+def _as_context(hits) -> list[ContextFact]:
+    return [ContextFact(id=h.fact_id, text=h.text, score=float(h.score)) for h in hits]
+
+
 def retrieve_context(retriever: SearchesFacts | None, user_turn: str) -> list[ContextFact]:
     """Retrieval exactly as every caller (chat, evaluation, data building) runs it."""
     if retriever is None:
         return []
-    return [ContextFact(id=h.fact_id, text=h.text, score=float(h.score)) for h in retriever.search(user_turn)]
+    return _as_context(retriever.search(user_turn.strip()))
+
+
+def retrieve_contexts(retriever: SearchesFacts | None, user_turns: Sequence[str]) -> list[list[ContextFact]]:
+    """The same retrieval for many turns at once (one batched embedding call when the retriever has it)."""
+    if retriever is None:
+        return [[] for _ in user_turns]
+    turns = [t.strip() for t in user_turns]
+    if hasattr(retriever, "search_many"):
+        return [_as_context(hits) for hits in retriever.search_many(turns)]
+    return [_as_context(retriever.search(t)) for t in turns]
 
 
 def plan_turn(
@@ -38,7 +52,7 @@ def plan_turn(
     *,
     include_context: bool = True,
 ) -> TurnPlan:
-    context = retrieve_context(retriever, user_turn.strip())
+    context = retrieve_context(retriever, user_turn)
     messages = build_messages(persona, context, history, user_turn, include_context=include_context)
     return TurnPlan(messages=messages, context=context)
 

@@ -112,17 +112,21 @@ def chat(
     mode: Annotated[
         str, typer.Option("--mode", help="prompt, or xattn: retrieved facts enter by cross-attention.")
     ] = "prompt",
+    index: Annotated[str | None, typer.Option("--index", help="Index folder (default: persona's).")] = None,
 ) -> None:
     """A terminal chat with history (Ctrl-D or an empty line to leave)."""
     if mode == "xattn":
         return _chat_xattn(model)
     if mode != "prompt":
         raise RagPersonaError(f"chat: mode {mode!r} is not one of prompt, xattn")
+    from .chat import PersonaChat, default_persona
     from .evaluate import resolve_adapter
-    from .generation import ReplyStream
     from .llm import load_causal_lm
+    from .retrieve import retriever_for
 
+    retriever = retriever_for(_open_store(index))
     loaded = load_causal_lm(model, adapter=resolve_adapter(model, adapter), progress=_progress)
+    persona_chat = PersonaChat(default_persona(), retriever, loaded)
     history: list[dict] = []
     while True:
         try:
@@ -131,14 +135,51 @@ def chat(
             break
         if not message:
             break
-        history.append({"role": "user", "content": message})
+        try:
+            plan, stream = persona_chat.stream(history, message)
+        except RagPersonaError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            continue
+        _progress("context: " + (", ".join(f"{f.id} ({f.score:.2f})" for f in plan.context) or "(none)"))
         sys.stdout.write("bot> ")
-        stream = ReplyStream(loaded, history)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": stream.reply.text})
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": stream.reply.text}]
+
+
+@app.command("render-prompt")
+@friendly
+def render_prompt(
+    query: Annotated[str, typer.Argument(help="The user turn.")],
+    index: Annotated[str | None, typer.Option("--index", help="Index folder (default: persona's).")] = None,
+    history: Annotated[
+        str | None, typer.Option("--history", help="JSON list of earlier {role, content} messages.")
+    ] = None,
+    no_context: Annotated[bool, typer.Option("--no-context", help="As the cross-attention mode sees it.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The messages the model would get for this turn, after retrieval."""
+    from .chat import default_persona, plan_turn
+    from .retrieve import retriever_for
+
+    turns = []
+    if history:
+        try:
+            turns = json.loads(history)
+        except json.JSONDecodeError as exc:
+            raise RagPersonaError(f"--history: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
+            raise RagPersonaError("--history: expected a JSON list of {role, content} objects")
+    plan = plan_turn(
+        default_persona(), retriever_for(_open_store(index)), turns, query, include_context=not no_context
+    )
+    if as_json:
+        echo_json({"messages": plan.messages, "context": [f.__dict__ for f in plan.context]})
+        return
+    for m in plan.messages:
+        typer.echo(f"--- {m['role']}\n{m['content']}")
 
 
 def _chat_xattn(model: str | None) -> None:

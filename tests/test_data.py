@@ -139,3 +139,18 @@ def test_failed_build_leaves_previous_output_untouched(built, index_dir, monkeyp
         build_datasets(DataConfig(out=out, index=index_dir, seed=7))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(out.parent.glob(".v1.tmp-*"))
+
+
+def test_render_prompt_cli_prints_the_chat_messages(index_dir):
+    from typer.testing import CliRunner
+
+    from rag_persona.cli import app
+
+    result = CliRunner().invoke(app, ["render-prompt", "--index", str(index_dir), "--json", "あなたの名前はなんですか?"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [m["role"] for m in out["messages"]] == ["system", "user"]
+    assert out["context"][0]["id"] == "profile-name"
+    assert "名前は小野寺絢音" in out["messages"][0]["content"]
+    bad = CliRunner().invoke(app, ["render-prompt", "--index", str(index_dir), "--history", "{", "hi"])
+    assert bad.exit_code == 2 and "--history: invalid JSON" in bad.output

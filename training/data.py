@@ -11,7 +11,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rag_persona.chat import retrieve_context
+from rag_persona.chat import retrieve_contexts
 from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge import load_queries
 from rag_persona.prompts import PROMPT_TEMPLATE_VERSION, ContextFact, Persona, build_messages
@@ -119,15 +119,14 @@ def build_datasets(config: DataConfig) -> dict:
     n_eval = round(len(ids) * config.eval_share)
     eval_ids = set(ids[:n_eval])
     all_facts = [ContextFact(f.id, f.text, 0.0) for f in store.facts]
-    cache: dict[str, list[ContextFact]] = {}
+    users = sorted({t.user for c in kept for t in c.turns})
+    cache = dict(zip(users, retrieve_contexts(retriever, users), strict=True))
 
     rows: dict[str, list[dict]] = {}
     eval_prompts: list[dict] = []
     for conv in sorted(kept, key=lambda c: c.id):
         split = "eval" if conv.id in eval_ids else "train"
         for i, turn in enumerate(conv.turns):
-            if turn.user not in cache:
-                cache[turn.user] = retrieve_context(retriever, turn.user)
             if split == "train":
                 context, raft = raft_context(
                     cache[turn.user], turn.facts, all_facts, config, _rng(config.seed, conv.id, i)
