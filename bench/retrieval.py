@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import random
 import sys
 import tempfile
@@ -94,6 +95,8 @@ class LangChainFaiss:
         self.vs = FAISS.from_embeddings(pairs, Wrapped(), metadatas=metas)
         self.k = k
         self.threshold = 0.0
+        # it logs a warning for every query that retrieves nothing (which off-topic queries should)
+        logging.getLogger("langchain_core.vectorstores.base").setLevel(logging.ERROR)
 
     def rankings(self, queries: list[str]) -> list[list[tuple[str, float]]]:
         with warnings.catch_warnings():

@@ -290,7 +290,9 @@ def _tokenize(text: str) -> list:
 
     with _TOKENIZER_LOCK:
         if _TOKENIZER is None:
-            _TOKENIZER = dictionary.Dictionary(dict="core").tokenizer(mode=sudachi_tokenizer.Tokenizer.SplitMode.A)
+            _TOKENIZER = dictionary.Dictionary(dict="core").tokenizer(
+                mode=sudachi_tokenizer.Tokenizer.SplitMode.A
+            )
         return list(_TOKENIZER.tokenize(text))
 
 
@@ -331,7 +333,10 @@ class LexicalIndex:
                 bucket = postings.setdefault(tok, {})
                 bucket[row] = bucket.get(row, 0) + 1
         self.postings = {
-            t: (np.fromiter(p.keys(), dtype=np.int64, count=len(p)), np.fromiter(p.values(), dtype=np.float64))
+            t: (
+                np.fromiter(p.keys(), dtype=np.int64, count=len(p)),
+                np.fromiter(p.values(), dtype=np.float64),
+            )
             for t, p in postings.items()
         }
 
@@ -683,5 +688,3 @@ except ImportError:  # pragma: no cover - langchain-core is a declared dependenc
     class PersonaLangChainRetriever:  # type: ignore[no-redef]
         def __init__(self, *args, **kwargs):
             raise RagPersonaError("langchain-core is not installed: pip install langchain-core")
-
-

@@ -228,7 +228,9 @@ class FactStore:
         self.manifest["updated"] = _now()
 
     # -- staleness -------------------------------------------------------------------------------
-    def stale_reason(self, kb: KnowledgeBase | str | Path | None = None, embedder: str | None = None) -> str | None:
+    def stale_reason(
+        self, kb: KnowledgeBase | str | Path | None = None, embedder: str | None = None
+    ) -> str | None:
         """Why this index no longer matches its knowledge (or the given one) or embedder; None if current."""
         if embedder is not None and canonical_embedder_name(embedder) != canonical_embedder_name(
             self.embedder_name
@@ -248,7 +250,9 @@ class FactStore:
         return None
 
     # -- editing ---------------------------------------------------------------------------------
-    def add_facts(self, facts: Iterable[Fact | dict], *, persist: bool = True, progress: bool = False) -> None:
+    def add_facts(
+        self, facts: Iterable[Fact | dict], *, persist: bool = True, progress: bool = False
+    ) -> None:
         """Add new facts (ids must be new); write them to the knowledge JSONL and the index."""
         new = [_as_fact(f, "add") for f in facts]
         seen = set(self._by_id)
@@ -503,7 +507,9 @@ def load_index(
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
     if not path.exists():
-        raise RagPersonaError(f"{path}: no such index folder (build one with: rag-persona index --kb KB --out {path})")
+        raise RagPersonaError(
+            f"{path}: no such index folder (build one with: rag-persona index --kb KB --out {path})"
+        )
     if not manifest_path.is_file():
         raise RagPersonaError(f"{path}: not an index (no {MANIFEST_FILE}); build one with rag-persona index")
     try:
@@ -538,7 +544,9 @@ def load_index(
         path=path,
     )
     if knowledge_hash(facts) != manifest["knowledge_hash"]:
-        raise RagPersonaError(f"{facts_path}: does not match the manifest's knowledge hash; rebuild the index")
+        raise RagPersonaError(
+            f"{facts_path}: does not match the manifest's knowledge hash; rebuild the index"
+        )
     if check:
         reason = store.stale_reason(kb, embedder)
         if reason:
@@ -580,8 +588,13 @@ def ensure_index(
                 log(f"rebuilding {out_dir}: {reason}")
         else:
             log(f"building the index {out_dir} from {kb.path}")
-        return build_index(kb, out_dir, embedder or (old.embedder_name if old else None), progress=progress,
-                           keep_threshold_from=old)
+        return build_index(
+            kb,
+            out_dir,
+            embedder or (old.embedder_name if old else None),
+            progress=progress,
+            keep_threshold_from=old,
+        )
 
 
 def default_index_dir(persona: str | None = None) -> Path:
