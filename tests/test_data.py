@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_tokenizer
 
 from rag_persona.chat import default_persona, plan_turn
 from rag_persona.errors import RagPersonaError
@@ -15,8 +16,6 @@ from rag_persona.settings import KNOWLEDGE_ROOT
 from rag_persona.store import build_index
 from training.data import DataConfig, build_datasets, normalise
 from training.dialogues import load_dialogues
-
-from conftest import make_tokenizer
 
 PERSONA_DIR = KNOWLEDGE_ROOT / "ojousama"
 
@@ -48,7 +47,9 @@ def test_files_variants_and_manifest(built, index_dir):
     assert counts["sft_d2_train.jsonl"] == counts["sft_d0_train.jsonl"] + counts["sft_d1_train.jsonl"]
     assert counts["sft_d1_train.jsonl"] >= 400
     assert manifest["prompt_template_version"] and manifest["seed"] == 7
-    assert manifest["knowledge_hash"] == json.loads((index_dir / "manifest.json").read_text())["knowledge_hash"]
+    assert (
+        manifest["knowledge_hash"] == json.loads((index_dir / "manifest.json").read_text())["knowledge_hash"]
+    )
     d0 = _rows(out / "sft_d0_train.jsonl")
     d1 = _rows(out / "sft_d1_train.jsonl")
     assert {r["style"] for r in d0} == {"plain"} and {r["style"] for r in d1} == {"ojousama"}
@@ -121,7 +122,9 @@ def test_bad_dialogue_line_names_file_line_and_field(tmp_path):
     )
     with pytest.raises(RagPersonaError, match=r"dialogues.jsonl:2: field 'turns\[0\].ojousama'"):
         load_dialogues(path)
-    path.write_text('{"id": "c1", "turns": [{"user": "a", "ojousama": "b", "plain": "c", "facts": ["nope"]}]}\n')
+    path.write_text(
+        '{"id": "c1", "turns": [{"user": "a", "ojousama": "b", "plain": "c", "facts": ["nope"]}]}\n'
+    )
     with pytest.raises(RagPersonaError, match="unknown fact id 'nope'"):
         load_dialogues(path, {"profile-name"})
 
@@ -146,7 +149,9 @@ def test_render_prompt_cli_prints_the_chat_messages(index_dir):
 
     from rag_persona.cli import app
 
-    result = CliRunner().invoke(app, ["render-prompt", "--index", str(index_dir), "--json", "あなたの名前はなんですか?"])
+    result = CliRunner().invoke(
+        app, ["render-prompt", "--index", str(index_dir), "--json", "あなたの名前はなんですか?"]
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert [m["role"] for m in out["messages"]] == ["system", "user"]
@@ -154,3 +159,25 @@ def test_render_prompt_cli_prints_the_chat_messages(index_dir):
     assert "名前は小野寺絢音" in out["messages"][0]["content"]
     bad = CliRunner().invoke(app, ["render-prompt", "--index", str(index_dir), "--history", "{", "hi"])
     assert bad.exit_code == 2 and "--history: invalid JSON" in bad.output
+
+
+def test_teacher_paraphrases_are_marked_generated_and_train_only(index_dir, tmp_path):
+    asked = []
+
+    def teacher(prompt: str) -> str:
+        asked.append(prompt)
+        question = prompt.rsplit("質問: ", 1)[1]
+        return f"質問: ねえ、{question}\n(余計な説明)"
+
+    out = tmp_path / "aug"
+    manifest = build_datasets(
+        DataConfig(out=out, index=index_dir, seed=7, augment_paraphrases=5), teacher=teacher
+    )
+    assert manifest["generated_conversations"] == 5 and len(asked) == 5
+    generated = [r for r in _rows(out / "sft_d1_train.jsonl") if r["generated"]]
+    assert len(generated) == 5
+    assert all(r["prompt"][-1]["content"].startswith("ねえ、") for r in generated)
+    assert all(r["conversation"].endswith("-para") for r in generated)
+    assert not [r for r in _rows(out / "sft_d1_eval.jsonl") if r["generated"]]
+    plain = _rows(out / "sft_d1_train.jsonl")
+    assert sum(not r["generated"] for r in plain) == len(plain) - 5

@@ -15,12 +15,26 @@ def register(app: typer.Typer) -> None:
     @friendly
     def build_data(
         out: Annotated[Path, typer.Option("--out", help="Output folder for the JSONL files and manifest.")],
-        index: Annotated[Path | None, typer.Option("--index", help="Index folder (default persona index).")] = None,
+        index: Annotated[
+            Path | None, typer.Option("--index", help="Index folder (default persona index).")
+        ] = None,
         persona: Annotated[str | None, typer.Option("--persona")] = None,
         seed: Annotated[int, typer.Option("--seed")] = 0,
-        distractor_rate: Annotated[float, typer.Option(help="Share of examples given extra distractor facts.")] = 0.3,
-        drop_golden_rate: Annotated[float, typer.Option(help="Share of examples whose golden facts are removed.")] = 0.1,
-        eval_share: Annotated[float, typer.Option(help="Share of conversations held out for evaluation.")] = 0.1,
+        distractor_rate: Annotated[
+            float, typer.Option(help="Share of examples given extra distractor facts.")
+        ] = 0.3,
+        drop_golden_rate: Annotated[
+            float, typer.Option(help="Share of examples whose golden facts are removed.")
+        ] = 0.1,
+        eval_share: Annotated[
+            float, typer.Option(help="Share of conversations held out for evaluation.")
+        ] = 0.1,
+        augment_paraphrases: Annotated[
+            int, typer.Option(help="Teacher-paraphrased training turns to add (0 = off), marked generated.")
+        ] = 0,
+        teacher: Annotated[
+            str | None, typer.Option(help="Teacher chat model for augmentation (default: bundled).")
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """Regenerate SFT and DPO data (D0 plain, D1 お嬢様, D2 both) from the knowledge base."""
@@ -35,6 +49,8 @@ def register(app: typer.Typer) -> None:
                 distractor_rate=distractor_rate,
                 drop_golden_rate=drop_golden_rate,
                 eval_share=eval_share,
+                augment_paraphrases=augment_paraphrases,
+                teacher=teacher,
             )
         )
         if as_json:
@@ -82,7 +98,9 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     @friendly
     def train_cmd(
-        stage: Annotated[str, typer.Argument(help="sft, dpo or xattn (cross-attention blocks; recipe e.g. xattn_cpu)")],
+        stage: Annotated[
+            str, typer.Argument(help="sft, dpo or xattn (cross-attention blocks; recipe e.g. xattn_cpu)")
+        ],
         recipe: Annotated[str, typer.Option("--recipe", help="Recipe YAML file or bundled recipe name.")],
         out: Annotated[
             Path | None, typer.Option("--out", help="Adapter folder (default runs/<recipe name>).")
@@ -99,7 +117,9 @@ def register(app: typer.Typer) -> None:
         max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
         max_train_examples: Annotated[int | None, typer.Option("--max-train-examples")] = None,
         seed: Annotated[int | None, typer.Option("--seed")] = None,
-        threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (1 on a busy machine).")] = None,
+        threads: Annotated[
+            int | None, typer.Option("--threads", help="CPU threads (1 on a busy machine).")
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """LoRA (CPU) or QLoRA (CUDA, 4-bit) SFT/DPO from a recipe, picked automatically and reported."""
@@ -110,12 +130,20 @@ def register(app: typer.Typer) -> None:
             from training.xattn_train import run_from_cli
 
             summary = run_from_cli(
-                recipe, out=out, data_dir=data_dir, model=model, max_steps=max_steps, seed=seed, progress=_progress
+                recipe,
+                out=out,
+                data_dir=data_dir,
+                model=model,
+                max_steps=max_steps,
+                seed=seed,
+                progress=_progress,
             )
             if as_json:
                 echo_json(summary)
             else:
-                typer.echo(f"{summary['steps']} steps, held-out loss {summary['eval_loss_no_memory']:.4f} → {summary['eval_loss']:.4f}")
+                typer.echo(
+                    f"{summary['steps']} steps, held-out loss {summary['eval_loss_no_memory']:.4f} → {summary['eval_loss']:.4f}"
+                )
             return
 
         from training.trainers import load_recipe, train

@@ -41,6 +41,8 @@ class DataConfig:
     mode: str | None = None
     k: int | None = None
     exclude_queries: list[Path] = field(default_factory=list)
+    augment_paraphrases: int = 0
+    teacher: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("distractor_rate", "drop_golden_rate", "eval_share"):
@@ -99,8 +101,13 @@ def _open_retriever(config: DataConfig):
     return store, retriever
 
 
-def build_datasets(config: DataConfig) -> dict:
-    """Write SFT/DPO JSONL files and a manifest into config.out atomically; return the manifest."""
+def build_datasets(config: DataConfig, teacher=None) -> dict:
+    """Write SFT/DPO JSONL files and a manifest into config.out atomically; return the manifest.
+
+    With config.augment_paraphrases > 0, a teacher model (config.teacher, the bundled chat model by
+    default, or the `teacher` callable) rephrases that many training user turns; such rows are
+    marked "generated": true.
+    """
     settings = get_settings()
     persona_dir = settings.persona_dir(config.persona)
     persona = Persona.load(persona_dir)
@@ -118,6 +125,18 @@ def build_datasets(config: DataConfig) -> dict:
     _rng(config.seed, "split").shuffle(ids)
     n_eval = round(len(ids) * config.eval_share)
     eval_ids = set(ids[:n_eval])
+    generated: list[Conversation] = []
+    if config.augment_paraphrases > 0:
+        from .augment import paraphrase_conversations, teacher_from_model
+
+        generated = paraphrase_conversations(
+            [c for c in kept if c.id not in eval_ids],
+            teacher or teacher_from_model(config.teacher),
+            config.augment_paraphrases,
+            _rng(config.seed, "augment"),
+            lambda text: normalise(text) in held_out,
+        )
+        kept = kept + generated
     all_facts = [ContextFact(f.id, f.text, 0.0) for f in store.facts]
     users = sorted({t.user for c in kept for t in c.turns})
     cache = dict(zip(users, retrieve_contexts(retriever, users), strict=True))
@@ -151,6 +170,7 @@ def build_datasets(config: DataConfig) -> dict:
                 "context_ids": [f.id for f in context],
                 "context_scores": [f.score for f in context],
                 "raft": raft,
+                "generated": conv.generated,
                 "template_version": PROMPT_TEMPLATE_VERSION,
             }
             for variant, styles in VARIANTS.items():
@@ -193,11 +213,18 @@ def build_datasets(config: DataConfig) -> dict:
         "threshold_source": retriever.threshold_source,
         "k": retriever.k,
     }
-    return _write(config, rows, store, retrieval, dialogues_path, excluded, len(kept))
+    return _write(config, rows, store, retrieval, dialogues_path, excluded, len(kept), len(generated))
 
 
 def _write(
-    config: DataConfig, rows: dict[str, list[dict]], store, retrieval: dict, dialogues_path: Path, excluded, n_kept
+    config: DataConfig,
+    rows: dict[str, list[dict]],
+    store,
+    retrieval: dict,
+    dialogues_path: Path,
+    excluded,
+    n_kept: int,
+    n_generated: int,
 ) -> dict:
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +251,7 @@ def _write(
             "dialogues_sha256": _sha256(dialogues_path),
             "conversations": n_kept,
             "excluded_conversations": sorted(c.id for c in excluded),
+            "generated_conversations": n_generated,
             "counts": {name: meta["rows"] for name, meta in files.items()},
             "files": files,
         }

@@ -27,6 +27,7 @@ class Conversation:
     id: str
     kind: str
     turns: tuple[Turn, ...]
+    generated: bool = False  # made by a teacher model, not written by a person
 
 
 def load_dialogues(path: str | Path, known_fact_ids: set[str] | None = None) -> list[Conversation]:
