@@ -517,6 +517,7 @@ class XattnModel(nn.Module):
             save_file(
                 tensors, tmp, metadata={"xattn_config": self.config.to_json(), "format": str(XATTN_FORMAT)}
             )
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shared
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

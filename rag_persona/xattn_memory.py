@@ -106,6 +106,7 @@ def write_cache(encodings: FactEncodings, xmodel, knowledge_hash: str | None = N
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -326,7 +326,7 @@ def _progress_callback(progress: Callable[[str], None]):
     return Progress()
 
 
-def plot_losses(history: list[dict], path: Path, title: str) -> Path:
+def plot_losses(history: list[dict], path: Path, title: str, eval_before: float | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,6 +334,8 @@ def plot_losses(history: list[dict], path: Path, title: str) -> Path:
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    if eval_before is not None:
+        evals = [(0, eval_before), *evals]
     margins = [(h["step"], h["rewards/margins"]) for h in history if "rewards/margins" in h and "loss" in h]
     ncols = 2 if margins else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
@@ -409,6 +411,9 @@ def _resolve(path: str | None, base: Path) -> Path | None:
 
 
 def _write_atomic(work: Path, out: Path) -> None:
+    # mkdtemp folders are private (0700); the result is an ordinary readable folder.
+    for path in [work, *work.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     backup = None
     if out.exists():
         backup = out.with_name(f".{out.name}.old")
@@ -519,7 +524,8 @@ def train(
         (work / "README.md").unlink(missing_ok=True)  # peft's generic model card
         history = metrics.pop("_history")
         (work / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
-        plot_losses(history, work / "loss.png", f"{recipe.stage.upper()} {recipe.name}")
+        before = (metrics.get("eval_before") or {}).get("eval_loss")
+        plot_losses(history, work / "loss.png", f"{recipe.stage.upper()} {recipe.name}", before)
         (work / "recipe.yaml").write_text(
             yaml.safe_dump(recipe.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8"
         )

@@ -408,6 +408,7 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
         }
         record({"step": step, "eval_loss": final, "summary": True})
         log_file.close()
+        xmodel.config.trained = {}  # drop the partial-checkpoint keys
         path = xmodel.save(out, extra=summary)
         log(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB): held-out loss {eval_base:.4f} → {final:.4f}")
     return summary
