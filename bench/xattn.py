@@ -41,19 +41,33 @@ def _log(msg: str) -> None:
 
 
 class FixedLength:
-    """Greedy settings that always generate exactly n tokens (latency rows compare like with like)."""
+    """Greedy settings that generate exactly n tokens (latency rows compare like with like).
 
-    def __init__(self, n: int):
+    EOS is suppressed until n tokens follow the full prompt; `min_new_tokens` is not used because with a
+    prefix KV cache `generate` counts it from the uncached part of the prompt only.
+    """
+
+    def __init__(self, n: int, prompt_len: int, eos_ids: list[int]):
         from rag_persona.generation import GenerationSettings
 
         self.inner = GenerationSettings(max_new_tokens=n, repetition_penalty=1.0)
-        self.n = n
+        self.n, self.prompt_len, self.eos_ids = n, prompt_len, list(eos_ids)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def to_generate_kwargs(self) -> dict:
-        return {**self.inner.to_generate_kwargs(), "min_new_tokens": self.n}
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        end, eos = self.prompt_len + self.n, self.eos_ids
+
+        class NoEosBefore(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                if input_ids.shape[1] < end:
+                    scores[:, eos] = float("-inf")
+                return scores
+
+        return {**self.inner.to_generate_kwargs(), "logits_processor": LogitsProcessorList([NoEosBefore()])}
 
 
 def context_for(golden: list[str], facts: dict[str, str], rng: random.Random, distractors: int):
@@ -120,13 +134,13 @@ def fact_accuracy(env, queries, distractors: int, max_new_tokens: int) -> dict:
 
 # -- 2. latency and prefill -----------------------------------------------------------------------------------
 def latency(env, sizes: list[int], new_tokens: int, repeats: int) -> list[dict]:
-    from rag_persona.generation import ReplyStream, encode_messages
+    from rag_persona.generation import ReplyStream, encode_messages, eos_token_ids
     from rag_persona.prompts import build_messages
     from rag_persona.xattn import PrefixCache, XattnReplyStream
 
     question = "お誕生日はいつですの？"
     golden = ["profile-birthday"] if "profile-birthday" in env.facts else [next(iter(env.facts))]
-    settings = FixedLength(new_tokens)
+    eos = eos_token_ids(env.loaded.model, env.loaded.tokenizer)
     rows = []
     cfg = env.loaded.model.config
     kv_per_token = (
@@ -151,16 +165,17 @@ def latency(env, sizes: list[int], new_tokens: int, repeats: int) -> list[dict]:
         with env.x.using(None):
             p_prefix = PrefixCache(env.loaded.model, p_ids[:common])  # the instruction, before the context
         memory = env.memory(ctx)
+        p_set, x_set = FixedLength(new_tokens, len(p_ids), eos), FixedLength(new_tokens, len(x_ids), eos)
         variants = {
-            "prompt": lambda m=prompt_msgs: ReplyStream(env.loaded, m, settings),
-            "prompt, cached instruction": lambda m=prompt_msgs, p=p_prefix: XattnReplyStream(
-                env.loaded, m, settings, xmodel=env.x, memory=None, prefix=p
+            "prompt": lambda m=prompt_msgs, st=p_set: ReplyStream(env.loaded, m, st),
+            "prompt, cached instruction": lambda m=prompt_msgs, p=p_prefix, st=p_set: XattnReplyStream(
+                env.loaded, m, st, xmodel=env.x, memory=None, prefix=p
             ),
-            "xattn": lambda m=x_msgs, mem=memory: XattnReplyStream(
-                env.loaded, m, settings, xmodel=env.x, memory=mem
+            "xattn": lambda m=x_msgs, mem=memory, st=x_set: XattnReplyStream(
+                env.loaded, m, st, xmodel=env.x, memory=mem
             ),
-            "xattn, cached system turn": lambda m=x_msgs, mem=memory: XattnReplyStream(
-                env.loaded, m, settings, xmodel=env.x, memory=mem, prefix=env.prefix
+            "xattn, cached system turn": lambda m=x_msgs, mem=memory, st=x_set: XattnReplyStream(
+                env.loaded, m, st, xmodel=env.x, memory=mem, prefix=env.prefix
             ),
         }
         for name, make in variants.items():
@@ -413,24 +428,31 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
     }
+    out = Path(args.out)
+
+    def save() -> str:
+        md = markdown(report)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
+        out.with_suffix(".json").write_text(
+            json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+        return md
+
     if not args.skip_accuracy:
         path = Path(args.queries) if args.queries else get_settings().persona_dir() / "queries" / "test.jsonl"
         queries = [q for q in load_queries(path, env.facts) if q.relevant][: args.limit]
         report["setup"]["queries"] = str(path)
         report["fact_accuracy"] = fact_accuracy(env, queries, args.distractors, args.max_new_tokens)
+        save()
     if not args.skip_latency:
         sizes = [int(s) for s in args.sizes.split(",")]
         report["latency"] = latency(env, sizes, args.latency_new_tokens, args.repeats)
+        save()
     if args.ablation:
         report["ablation"] = ablation(env, args.ablation, Path(args.data), max_eval=24)
-    md = markdown(report)
+    md = save()
     print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
-    out.with_suffix(".json").write_text(
-        json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
     _log(f"wrote {out.with_suffix('.md')} and .json")
     return 0
 

@@ -143,11 +143,11 @@ def test_one_dpo_step_after_sft_changes_only_lora_weights(setup, sft_run):
     assert (shipped / "lineage" / "sft-tiny-sft" / "loss.png").is_file()
 
 
-def test_dpo_from_scratch_uses_a_fresh_lora(setup):
-    run = train(
-        _recipe(setup, "dpo"), setup.root / "dpo-fresh", progress=lambda m: None, keep_model=True, cuda=False
-    )
+def test_dpo_from_scratch_uses_a_fresh_lora_and_rpo_loss(setup):
+    recipe = _recipe(setup, "dpo", dpo_loss=["sigmoid", "sft"], dpo_loss_weights=[1.0, 1.0])
+    run = train(recipe, setup.root / "dpo-fresh", progress=lambda m: None, keep_model=True, cuda=False)
     _assert_base_untouched(setup, run["model"])
+    assert run["train_loss"] > 0.6931  # the NLL term is added to the DPO loss (log 2 at the first step)
 
 
 def test_adapter_folder_holds_provenance(setup, sft_run):
@@ -232,6 +232,7 @@ def test_bundled_recipes_load_and_match_the_users_settings():
     )
     assert (users.learning_rate, users.lr_scheduler, users.epochs, users.batch_size) == (1e-5, "cosine", 3, 2)
     assert load_recipe("dpo-7b-qlora").beta == 0.3
+    assert load_recipe("dpo-0.5b-cpu").dpo_loss == ["sigmoid", "sft"]
 
 
 def test_recipe_errors_name_file_and_field(tmp_path):

@@ -83,6 +83,10 @@ class Recipe:
     batch_size: int = 2
     grad_accum: int = 1
     beta: float = 0.3
+    # DPO losses (trl loss_type) and their weights; ["sigmoid", "sft"] is RPO: DPO plus the NLL of the
+    # chosen answer, which keeps the chosen answers (and their EOS) likely while preferences move.
+    dpo_loss: list[str] = field(default_factory=lambda: ["sigmoid"])
+    dpo_loss_weights: list[float] | None = None
     seed: int = 42
     quantization: str = "auto"
     gradient_checkpointing: bool | None = None  # default: on for QLoRA, off for CPU LoRA
@@ -103,6 +107,10 @@ class Recipe:
                 raise RagPersonaError(f"{where}: field '{name}': must be positive")
         if self.stage == "dpo" and self.beta <= 0:
             raise RagPersonaError(f"{where}: field 'beta': must be positive")
+        if isinstance(self.dpo_loss, str):
+            self.dpo_loss = [self.dpo_loss]
+        if self.dpo_loss_weights is not None and len(self.dpo_loss_weights) != len(self.dpo_loss):
+            raise RagPersonaError(f"{where}: field 'dpo_loss_weights': needs one weight per dpo_loss entry")
         if self.lora.r <= 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
             raise RagPersonaError(f"{where}: field 'lora': r and alpha must be positive, dropout in [0, 1)")
         return self
@@ -638,7 +646,9 @@ def _run_trainer(recipe, mode, model, tokenizer, peft_config, train_data, eval_d
     else:
         from trl import DPOConfig
 
-        args = DPOConfig(**common, beta=recipe.beta)
+        args = DPOConfig(
+            **common, beta=recipe.beta, loss_type=list(recipe.dpo_loss), loss_weights=recipe.dpo_loss_weights
+        )
         trainer = EosSafeDPOTrainer(
             model=model,
             args=args,

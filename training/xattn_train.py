@@ -44,6 +44,9 @@ class XattnTrainConfig:
     rank: int = 16
     alpha: float = 32.0
     memory: str = "hidden"
+    # Rows whose golden fact the retriever missed (not RAFT's deliberate drop_golden rows) get it added to
+    # memory: otherwise their answers teach stating facts that were never given.
+    add_missed_golden: bool = False
     lr: float = 1e-3
     gate_lr: float = 1e-2
     weight_decay: float = 0.0
@@ -87,6 +90,8 @@ class XattnExample:
     completion: str
     fact_ids: list[str]
     golden_ids: list[str]
+    raft: str = "none"
+    added_golden: list[str] = field(default_factory=list)
 
 
 def strip_context(row: dict, persona: Persona, facts: dict[str, str], where: str) -> XattnExample:
@@ -125,12 +130,14 @@ def strip_context(row: dict, persona: Persona, facts: dict[str, str], where: str
         completion = "".join(m.get("content", "") for m in completion if m.get("role") == "assistant")
     if not isinstance(completion, str) or not completion.strip():
         raise RagPersonaError(f"{where}: field 'completion': missing or empty")
-    return XattnExample(
-        str(row.get("id", where)), messages, completion, list(ids), list(row.get("golden_ids", []))
-    )
+    golden = [g for g in row.get("golden_ids", []) if g in facts]
+    raft = str(row.get("raft", "none"))
+    return XattnExample(str(row.get("id", where)), messages, completion, list(ids), golden, raft)
 
 
-def load_examples(path: Path, persona: Persona, facts: dict[str, str]) -> list[XattnExample]:
+def load_examples(
+    path: Path, persona: Persona, facts: dict[str, str], add_missed_golden: bool = False
+) -> list[XattnExample]:
     if not path.is_file():
         raise RagPersonaError(f"{path}: no such file (run: rag-persona build-data --out {path.parent})")
     out = []
@@ -141,7 +148,11 @@ def load_examples(path: Path, persona: Persona, facts: dict[str, str]) -> list[X
             row = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise RagPersonaError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-        out.append(strip_context(row, persona, facts, f"{path}:{lineno}"))
+        ex = strip_context(row, persona, facts, f"{path}:{lineno}")
+        if add_missed_golden and ex.raft != "drop_golden":
+            ex.added_golden = [g for g in ex.golden_ids if g not in ex.fact_ids]
+            ex.fact_ids = ex.fact_ids + ex.added_golden
+        out.append(ex)
     if not out:
         raise RagPersonaError(f"{path}: no rows")
     return out
@@ -238,7 +249,7 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
     kb = load_knowledge(persona_dir)
     facts = {f.id: f.text for f in kb.facts}
     data = Path(config.data)
-    train = load_examples(data / config.train_file, persona, facts)
+    train = load_examples(data / config.train_file, persona, facts, config.add_missed_golden)
     evals = (
         load_examples(data / config.eval_file, persona, facts) if (data / config.eval_file).is_file() else []
     )
@@ -257,6 +268,9 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
         default_index_dir(config.persona) if is_index(default_index_dir(config.persona)) else None
     )
     encs = load_or_build_encodings(xmodel, tok, kb.facts, index_dir, knowledge_hash=kb.hash, progress=log)
+    if config.add_missed_golden:
+        added = sum(1 for e in train if e.added_golden)
+        log(f"golden facts added to memory where retrieval missed them: {added} rows")
     log(
         f"xattn: layers {xmodel.config.layers}, {sum(p.numel() for p in xmodel.parameters()):,} trainable parameters, "
         f"{len(train)} train / {len(evals)} eval examples, memory {xmodel.config.memory} "

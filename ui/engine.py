@@ -270,6 +270,12 @@ class Engine:
             return "rag_persona.xattn is not installed in this build"
         if not path.is_file():
             return f"no trained cross-attention weights at {path} (train them: rag-persona train xattn)"
+        from rag_persona.xattn import decoder_layers
+
+        try:  # a model without a Llama/Qwen2-style layer stack can never take the blocks
+            decoder_layers(self.loaded.model)
+        except RagPersonaError as exc:
+            return str(exc)
         return None
 
     @property
