@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ablation", nargs="*", default=[], metavar="NAME=WEIGHTS")
     ap.add_argument("--data", default=str(ROOT / "runs" / "data"), help="build-data folder (ablation)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument(
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     from rag_persona.knowledge import load_queries
     from rag_persona.settings import get_settings
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = Env(args.model, args.weights, args.index)
     report: dict = {
         "setup": {

@@ -455,3 +455,28 @@ def test_e5_memory_variant_one_vector_per_fact(tok):
         activate(x)
         assert (x(input_ids=ids, memory=memory).logits - base(input_ids=ids).logits).abs().max() > 1e-4
     assert x.config.encoder_key() == {"memory": "e5", "embedder": "e5-small"}
+
+
+def test_missed_golden_facts_join_memory_but_not_for_raft_drops(tmp_path):
+    import json
+
+    from rag_persona.chat import default_persona
+    from rag_persona.knowledge import load_knowledge
+    from rag_persona.settings import get_settings
+    from training.xattn_train import load_examples
+
+    persona = default_persona()
+    facts = {f.id: f.text for f in load_knowledge(get_settings().persona_dir()).facts}
+    missed = _sft_row(persona, facts, "おいくつ？", "17歳ですわ。", [("profile-name", 0.8)])
+    missed["golden_ids"] = ["profile-age"]
+    dropped = {**missed, "raft": "drop_golden"}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (missed, dropped)), encoding="utf-8"
+    )
+    as_given = load_examples(path, persona, facts)
+    assert [e.fact_ids for e in as_given] == [["profile-name"], ["profile-name"]]
+    fixed = load_examples(path, persona, facts, add_missed_golden=True)
+    assert fixed[0].fact_ids == ["profile-name", "profile-age"] and fixed[0].added_golden == ["profile-age"]
+    assert fixed[1].fact_ids == ["profile-name"]  # RAFT removed it on purpose
+    assert all(facts["profile-age"] not in e.messages[0]["content"] for e in fixed)  # memory, not prompt

@@ -57,6 +57,7 @@ class XattnTrainConfig:
     max_minutes: float = 30.0
     max_seq_tokens: int = 512
     eval_every: int = 50
+    keep_best: bool = False  # keep the evaluated checkpoint with the lowest held-out loss
     max_eval: int = 24
     seed: int = 0
     threads: int | None = None
@@ -350,6 +351,7 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
     order: list[int] = []
     rng = random.Random(config.seed)
     step, seen, running, history = 0, 0, [], []
+    best: tuple = (float("inf"), 0, None)
     xmodel.train()
     stopped = "max_steps"
     try:
@@ -396,13 +398,21 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
                 history.append({"step": step, "eval_loss": ev})
                 record({"step": step, "eval_loss": ev})
                 log(f"step {step}: held-out completion loss {ev:.4f}")
+                if config.keep_best and ev < best[0]:
+                    best = (ev, step, {k: v.detach().clone() for k, v in xmodel.state_dict().items()})
                 xmodel.save(out, extra={"partial": True, "step": step})
     finally:
         xmodel.eval()
         final = evaluate()
+        chosen = step
+        if config.keep_best and best[2] is not None and best[0] < final:
+            xmodel.load_state_dict(best[2])  # the held-out loss rose after this checkpoint
+            final, chosen = best[0], best[1]
+            log(f"keeping the step-{chosen} weights (held-out loss {final:.4f})")
         minutes = (time.perf_counter() - started) / 60
         summary = {
             "steps": step,
+            "weights_from_step": chosen,
             "examples_seen": seen,
             "stopped_by": stopped,
             "minutes": round(minutes, 2),
