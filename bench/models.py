@@ -15,16 +15,24 @@ from rag_persona.generation import GenerationSettings, generate_reply
 from rag_persona.llm import LoadedModel
 from rag_persona.models import BUNDLED, join_and_verify, prepare
 
-PROMPTS = ["自己紹介を一文でしてください。", "好きな季節とその理由を教えてください。", "紅茶の淹れ方を簡単に説明して。"]
+PROMPTS = [
+    "自己紹介を一文でしてください。",
+    "好きな季節とその理由を教えてください。",
+    "紅茶の淹れ方を簡単に説明して。",
+]
 
 
 def measure(name: str, load) -> dict:
     started = time.perf_counter()
     model, tokenizer = load()
     load_s = time.perf_counter() - started
-    loaded = LoadedModel(model=model.eval(), tokenizer=tokenizer, source=name, device="cpu", dtype=str(model.dtype))
+    loaded = LoadedModel(
+        model=model.eval(), tokenizer=tokenizer, source=name, device="cpu", dtype=str(model.dtype)
+    )
     settings = GenerationSettings(max_new_tokens=48)
-    generate_reply(loaded, [{"role": "user", "content": "hi"}], GenerationSettings(max_new_tokens=4))  # warm-up
+    generate_reply(
+        loaded, [{"role": "user", "content": "hi"}], GenerationSettings(max_new_tokens=4)
+    )  # warm-up
     tokens, seconds, first = 0, 0.0, []
     for prompt in PROMPTS:
         reply = generate_reply(loaded, [{"role": "user", "content": prompt}], settings)

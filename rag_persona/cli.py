@@ -71,7 +71,9 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         return
     for r in rows:
         state = "prepared" if r["prepared"] else ("installed" if r["installed"] else "not installed")
-        typer.echo(f"{r['alias']:<22} {state:<14} {r['gguf_bytes'] / 1e6:8.1f} MB  sha256 {r['sha256'][:16]}…")
+        typer.echo(
+            f"{r['alias']:<22} {state:<14} {r['gguf_bytes'] / 1e6:8.1f} MB  sha256 {r['sha256'][:16]}…"
+        )
         if r["path"]:
             typer.echo(f"{'':<22} {r['path']} ({r['prepared_bytes'] / 1e6:.1f} MB)")
 
@@ -157,7 +159,9 @@ def render_prompt(
     history: Annotated[
         str | None, typer.Option("--history", help="JSON list of earlier {role, content} messages.")
     ] = None,
-    no_context: Annotated[bool, typer.Option("--no-context", help="As the cross-attention mode sees it.")] = False,
+    no_context: Annotated[
+        bool, typer.Option("--no-context", help="As the cross-attention mode sees it.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The messages the model would get for this turn, after retrieval."""

@@ -84,7 +84,10 @@ class SentenceTransformerEmbedder:
             self._model = SentenceTransformer(source, device=self.device, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - the library raises many types for a bad id/path
             raise RagPersonaError(f"embedder {self.name!r}: cannot load from {source}: {exc}") from exc
-        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        get_dim = (
+            getattr(self._model, "get_embedding_dimension", None)
+            or self._model.get_sentence_embedding_dimension
+        )
         dim = get_dim()
         self.dim = int(dim)
 

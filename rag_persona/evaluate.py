@@ -18,6 +18,7 @@ from pathlib import Path
 from .chat import PersonaChat
 from .errors import RagPersonaError
 from .generation import GenerationSettings
+from .knowledge import read_jsonl
 from .persona_metrics import PromptResult, judge, summarize
 from .prompts import Persona
 from .settings import REPO_ROOT, get_settings
@@ -88,19 +89,9 @@ class EvalPrompt:
 def load_prompts(path: str | Path) -> list[EvalPrompt]:
     """JSONL with `query` (required), `history`, `golden_ids`, `kind`, `reference`, `id`; one-line errors."""
     path = Path(path)
-    if not path.is_file():
-        raise RagPersonaError(f"{path}: prompts file not found")
     prompts = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not raw.strip():
-            continue
+    for lineno, obj in read_jsonl(path, missing="prompts file not found"):
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise RagPersonaError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise RagPersonaError(f"{where}: expected a JSON object")
         query = obj.get("query")
         if not isinstance(query, str) or not query.strip():
             raise RagPersonaError(f"{where}: field 'query': missing or empty")

@@ -98,10 +98,11 @@ def _bad(path: Path, line: int | None, fld: str | None, problem: str) -> RagPers
     return RagPersonaError(f"{prefix}: field '{fld}': {problem}" if fld else f"{prefix}: {problem}")
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | Path, missing: str = "no such file") -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; one-line errors for everything else."""
+    path = Path(path)
     if not path.exists():
-        raise RagPersonaError(f"{path}: no such file")
+        raise RagPersonaError(f"{path}: {missing}")
     if not path.is_file():
         raise RagPersonaError(f"{path}: not a file")
     try:
@@ -194,7 +195,7 @@ def load_knowledge(path: str | Path) -> KnowledgeBase:
     facts: list[Fact] = []
     seen: dict[str, str] = {}
     for file in files:
-        for line, obj in _read_jsonl(file):
+        for line, obj in read_jsonl(file):
             fact = parse_fact(file, line, obj)
             if fact.id in seen:
                 raise _bad(file, line, "id", f"duplicate id {fact.id!r} (first at {seen[fact.id]})")
@@ -210,7 +211,7 @@ def load_queries(path: str | Path, known_ids: Iterable[str] | None = None) -> li
     path = Path(path)
     known = set(known_ids) if known_ids is not None else None
     out: list[LabelledQuery] = []
-    for line, obj in _read_jsonl(path):
+    for line, obj in read_jsonl(path):
         query = obj.get("query")
         if query is None:
             raise _bad(path, line, "query", "missing")

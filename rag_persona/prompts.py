@@ -52,7 +52,9 @@ class Persona:
         missing = [k for k in ("id", "name", "reading", "summary") if not str(data.get(k, "")).strip()]
         if missing:
             raise RagPersonaError(f"{file}: field '{missing[0]}': missing or empty")
-        return cls(**{k: data[k] for k in ("id", "name", "reading", "summary")}, greeting=data.get("greeting", ""))
+        return cls(
+            **{k: data[k] for k in ("id", "name", "reading", "summary")}, greeting=data.get("greeting", "")
+        )
 
 
 @dataclass(frozen=True)

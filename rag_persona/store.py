@@ -34,11 +34,11 @@ from .knowledge import (
     FACTS_FILE,
     Fact,
     KnowledgeBase,
-    _read_jsonl,
     facts_to_jsonl,
     knowledge_hash,
     load_knowledge,
     parse_fact,
+    read_jsonl,
     write_facts,
 )
 from .settings import get_settings
@@ -524,7 +524,7 @@ def load_index(
             f"{manifest_path}: field 'format': index format {manifest['format']} is not {INDEX_FORMAT}; rebuild it"
         )
     facts_path = path / FACTS_FILE
-    facts = [parse_fact(facts_path, line, obj) for line, obj in _read_jsonl(facts_path)]
+    facts = [parse_fact(facts_path, line, obj) for line, obj in read_jsonl(facts_path)]
     index_path = path / INDEX_FILE
     if not index_path.is_file():
         raise RagPersonaError(f"{index_path}: missing; rebuild the index")

@@ -110,3 +110,19 @@ def bundled_lm(bundled_model_dir):
     from rag_persona.llm import load_causal_lm
 
     return load_causal_lm(str(bundled_model_dir), progress=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def persona_index(tmp_path_factory) -> Path:
+    """The persona's knowledge copied to tmp and indexed with e5 once per session (API and browser tests)."""
+    import shutil
+
+    from rag_persona.settings import KNOWLEDGE_ROOT
+    from rag_persona.store import ensure_index
+
+    base = tmp_path_factory.getbasetemp()
+    kb = base / "ui-persona-kb"
+    if not kb.exists():
+        shutil.copytree(KNOWLEDGE_ROOT / "ojousama", kb)
+    ensure_index(kb, base / "ui-persona-index", "e5-small")
+    return base / "ui-persona-index"

@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -41,19 +40,6 @@ TOPICS = [
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def persona_index(tmp_path_factory) -> Path:
-    """The persona's knowledge copied to tmp and indexed with e5 once per session (shared with the browser test)."""
-    from rag_persona.store import ensure_index
-
-    base = tmp_path_factory.getbasetemp()
-    kb = base / "ui-persona-kb"
-    if not kb.exists():
-        shutil.copytree(KNOWLEDGE_ROOT / "ojousama", kb)
-    ensure_index(kb, base / "ui-persona-index", "e5-small")
-    return base / "ui-persona-index"
-
-
 @pytest.fixture(scope="session")
 def persona_store(persona_index):
     from rag_persona.store import load_index

@@ -31,9 +31,13 @@ def test_default_embedder_ranks_japanese_paraphrase_above_unrelated():
     emb = load_embedder()
     assert emb.name == "e5-small"
     q = emb.encode_queries(["あなたの名前はなんですか?"])[0]
-    p = emb.encode_passages(["名前は小野寺絢音。", "東京の明日の天気は雨の予報。", "好きな紅茶はダージリン。"])
+    p = emb.encode_passages(
+        ["名前は小野寺絢音。", "東京の明日の天気は雨の予報。", "好きな紅茶はダージリン。"]
+    )
     scores = p @ q
     assert scores[0] > scores[1] and scores[0] > scores[2]
     q2 = emb.encode_queries(["休みの日は何をして過ごしますか"])[0]
-    p2 = emb.encode_passages(["休日はピアノを弾いたり乗馬をしたりして過ごす。", "光の速さは秒速約30万キロメートル。"])
+    p2 = emb.encode_passages(
+        ["休日はピアノを弾いたり乗馬をしたりして過ごす。", "光の速さは秒速約30万キロメートル。"]
+    )
     assert p2[0] @ q2 > p2[1] @ q2

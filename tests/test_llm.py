@@ -14,7 +14,9 @@ def test_local_folder_loads_as_bf16_safetensors(tiny_model_dir):
     loaded = load_causal_lm(str(tiny_model_dir), progress=lambda m: None)
     assert loaded.device == "cpu" and not loaded.quantized
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
-    reply = generate_reply(loaded, [{"role": "user", "content": "ごきげんよう"}], GenerationSettings(max_new_tokens=3))
+    reply = generate_reply(
+        loaded, [{"role": "user", "content": "ごきげんよう"}], GenerationSettings(max_new_tokens=3)
+    )
     assert reply.new_tokens <= 3 and reply.prompt_tokens > 0
     if reply.new_tokens == 3:
         assert not reply.ended_by_eos

@@ -43,7 +43,11 @@ def _fake_converter(calls: list):
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.suffix != ".lock"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix != ".lock"
+    }
 
 
 def test_prepare_converts_once_then_is_a_noop(tmp_path):

@@ -9,7 +9,6 @@ with that instruction rather than skipping.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from rag_persona.settings import KNOWLEDGE_ROOT
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -32,19 +29,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 QUESTION = "あなたの名前はなんですか?"
-
-
-@pytest.fixture(scope="session")
-def persona_index(tmp_path_factory) -> Path:
-    """The persona's knowledge copied to tmp and indexed with e5 (reused when test_api built it already)."""
-    from rag_persona.store import ensure_index
-
-    base = tmp_path_factory.getbasetemp()
-    kb = base / "ui-persona-kb"
-    if not kb.exists():
-        shutil.copytree(KNOWLEDGE_ROOT / "ojousama", kb)
-    ensure_index(kb, base / "ui-persona-index", "e5-small")
-    return base / "ui-persona-index"
 
 
 @pytest.fixture(scope="module")

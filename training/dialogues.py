@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.knowledge import read_jsonl
 
 STYLES = ("plain", "ojousama")
 
@@ -32,19 +32,9 @@ class Conversation:
 
 def load_dialogues(path: str | Path, known_fact_ids: set[str] | None = None) -> list[Conversation]:
     path = Path(path)
-    if not path.is_file():
-        raise RagPersonaError(f"{path}: dialogues file not found")
     conversations, seen = [], set()
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not raw.strip():
-            continue
+    for lineno, obj in read_jsonl(path, missing="dialogues file not found"):
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise RagPersonaError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise RagPersonaError(f"{where}: expected a JSON object")
         cid = obj.get("id")
         if not isinstance(cid, str) or not cid.strip():
             raise RagPersonaError(f"{where}: field 'id': missing or empty")

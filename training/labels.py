@@ -13,12 +13,12 @@ and its EOS is -100. `audit_example` checks the result for any tokenizer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.knowledge import read_jsonl as read_jsonl_objects
 from rag_persona.persona_metrics import special_token_texts
 
 IGNORE = -100
@@ -220,20 +220,8 @@ def build_dpo_example(
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     """Rows with a 'file:line' tag each; one clear line on bad JSON."""
     path = Path(path)
-    if not path.is_file():
-        raise RagPersonaError(f"{path}: data file not found")
     rows = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise RagPersonaError(
-                f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
-            ) from None
-        if not isinstance(obj, dict):
-            raise RagPersonaError(f"{path}:{lineno}: expected a JSON object")
+    for lineno, obj in read_jsonl_objects(path, missing="data file not found"):
         rows.append((f"{path}:{lineno}", obj))
     if not rows:
         raise RagPersonaError(f"{path}: no rows")

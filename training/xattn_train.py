@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.knowledge import read_jsonl
 from rag_persona.prompts import ContextFact, Persona, build_messages, context_block, system_prompt
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -139,16 +140,9 @@ def strip_context(row: dict, persona: Persona, facts: dict[str, str], where: str
 def load_examples(
     path: Path, persona: Persona, facts: dict[str, str], add_missed_golden: bool = False
 ) -> list[XattnExample]:
-    if not path.is_file():
-        raise RagPersonaError(f"{path}: no such file (run: rag-persona build-data --out {path.parent})")
     out = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise RagPersonaError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    missing = f"no such file (run: rag-persona build-data --out {path.parent})"
+    for lineno, row in read_jsonl(path, missing=missing):
         ex = strip_context(row, persona, facts, f"{path}:{lineno}")
         if add_missed_golden and ex.raft != "drop_golden":
             ex.added_golden = [g for g in ex.golden_ids if g not in ex.fact_ids]
