@@ -220,6 +220,10 @@ def evaluate(
     ] = None,
     index: Annotated[str | None, typer.Option("--index", help="Index folder (default: persona's).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="prompt (context in the prompt) or xattn.")] = "prompt",
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="xattn mode: cross-attention weights (default adapters/xattn)."),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 96,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -233,6 +237,7 @@ def evaluate(
         adapter=adapter,
         index=index,
         mode=mode,
+        weights=weights,
         max_new_tokens=max_new_tokens,
         limit=limit,
         progress=_progress,

@@ -189,23 +189,41 @@ def run_evaluation(
     max_new_tokens: int = 96,
     limit: int | None = None,
     loaded=None,
+    weights: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Load the model (+ default adapter), the persona and its index, and evaluate the prompts."""
     if mode not in MODES:
         raise RagPersonaError(f"evaluate: mode {mode!r} is not one of {', '.join(MODES)}")
-    if mode == "xattn":
-        raise RagPersonaError("evaluate: --mode xattn is not wired into evaluation yet; use --mode prompt")
     from .chat import default_persona
     from .llm import load_causal_lm
 
     prompts = load_prompts(prompts_path)[:limit] if limit else load_prompts(prompts_path)
     the_persona = default_persona(persona)
     store, retriever = open_retriever(index, persona, log=progress or (lambda m: None))
-    adapter = resolve_adapter(model, adapter)
-    if loaded is None:
-        loaded = load_causal_lm(model, adapter=adapter, progress=progress or (lambda m: None))
-    chat = PersonaChat(the_persona, retriever, loaded, GenerationSettings(max_new_tokens=max_new_tokens))
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    if mode == "xattn":
+        # the base model with the trained cross-attention blocks; the context never enters the prompt
+        from .xattn import load_xattn_chat
+
+        if adapter:
+            raise RagPersonaError("evaluate: --adapter applies to prompt mode; xattn mode uses --weights")
+        chat = load_xattn_chat(
+            model,
+            weights,
+            index=getattr(store, "path", index),
+            persona=persona,
+            settings=settings,
+            retriever=retriever,
+            progress=progress or (lambda m: None),
+        )
+        loaded = chat.loaded
+        adapter = loaded.info.get("xattn", {}).get("weights")
+    else:
+        adapter = resolve_adapter(model, adapter)
+        if loaded is None:
+            loaded = load_causal_lm(model, adapter=adapter, progress=progress or (lambda m: None))
+        chat = PersonaChat(the_persona, retriever, loaded, settings)
     facts = {f.id: f.text for f in store.facts}
     out = evaluate_chat(chat, prompts, facts, progress=progress)
     out["setup"] = {

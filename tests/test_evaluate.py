@@ -188,3 +188,39 @@ def test_evaluate_cli_prints_replies_and_summary(tiny_model_dir, tmp_path, monke
     assert report["setup"]["adapter"] is None and report["setup"]["mode"] == "prompt"
     bad = CliRunner().invoke(app, ["evaluate", "--prompts", str(tmp_path / "missing.jsonl")])
     assert bad.exit_code == 2 and "prompts file not found" in bad.output
+
+
+def test_evaluate_cli_xattn_mode_runs_cross_attention_chat(tiny_model_dir, persona_index, tmp_path):
+    from rag_persona.cli import app
+    from rag_persona.llm import load_causal_lm
+    from rag_persona.xattn import XattnConfig, XattnModel
+
+    base = load_causal_lm(str(tiny_model_dir), progress=lambda m: None).model  # as the chat loads it
+    x = XattnModel(base, XattnConfig(layers=[1], rank=4))
+    x.save(tmp_path / "xw")
+    x.remove_hooks()
+    prompts = tmp_path / "p.jsonl"
+    rows = [
+        {"query": "あなたの名前はなんですか?", "golden_ids": ["profile-name"]},
+        {"query": "ごきげんよう", "kind": "greeting"},
+    ]
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    args = [
+        "evaluate",
+        "--prompts",
+        str(prompts),
+        "--model",
+        str(tiny_model_dir),
+        "--index",
+        str(persona_index),
+    ]
+    res = CliRunner().invoke(
+        app, [*args, "--mode", "xattn", "--weights", str(tmp_path / "xw"), "--max-new-tokens", "4", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{") :])
+    assert report["setup"]["mode"] == "xattn" and report["setup"]["adapter"] == str(tmp_path / "xw")
+    assert "profile-name" in report["replies"][0]["context_ids"]  # retrieved, then given as memory
+    assert report["summary"]["n"] == 2
+    bad = CliRunner().invoke(app, [*args, "--mode", "xattn", "--weights", str(tmp_path / "none")])
+    assert bad.exit_code == 2 and "no cross-attention weights" in bad.output
