@@ -708,17 +708,20 @@ class XattnChat:
         yield from stream
 
 
-@dataclass
-class _PrefixedSettings(GenerationSettings):
-    """Generation settings that hand `generate` a fresh copy of a prefix KV cache."""
+class _PrefixedSettings:
+    """Wraps any generation settings so `generate` also gets a fresh copy of a prefix KV cache.
 
-    prefix: PrefixCache | None = None
+    Wrapping rather than copying fields keeps a caller's own `to_generate_kwargs` (e.g. logits processors).
+    """
+
+    def __init__(self, inner, prefix: PrefixCache):
+        self.inner, self.prefix = inner, prefix
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     def to_generate_kwargs(self) -> dict:
-        kwargs = super().to_generate_kwargs()
-        if self.prefix is not None:
-            kwargs["past_key_values"] = self.prefix.copy()
-        return kwargs
+        return {**self.inner.to_generate_kwargs(), "past_key_values": self.prefix.copy()}
 
 
 class XattnReplyStream(ReplyStream):
@@ -760,8 +763,7 @@ class XattnReplyStream(ReplyStream):
             prefix = None  # the memory reaches into the prefix: it cannot come from the cache
         self.prefilled_tokens = int(ids.shape[1]) - (len(prefix) if prefix is not None else 0)
         if prefix is not None:
-            fields = {k: getattr(self.settings, k) for k in GenerationSettings.__dataclass_fields__}
-            self.settings = _PrefixedSettings(**fields, prefix=prefix)
+            self.settings = _PrefixedSettings(self.settings, prefix)
         with self.xmodel.using(self.memory):
             yield from super().__iter__()
 
