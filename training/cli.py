@@ -99,7 +99,11 @@ def register(app: typer.Typer) -> None:
     @friendly
     def train_cmd(
         stage: Annotated[
-            str, typer.Argument(help="sft, dpo or xattn (cross-attention blocks; recipe e.g. xattn_cpu)")
+            str,
+            typer.Argument(
+                help="sft, dpo, cpt (continued pre-training, merged), reward (reward model), rl (GRPO) "
+                "or xattn (cross-attention blocks; recipe e.g. xattn_cpu)"
+            ),
         ],
         recipe: Annotated[str, typer.Option("--recipe", help="Recipe YAML file or bundled recipe name.")],
         out: Annotated[
@@ -112,7 +116,11 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--model", help="Override the recipe's base model.")
         ] = None,
         init_adapter: Annotated[
-            Path | None, typer.Option("--init-adapter", help="DPO: the SFT adapter.")
+            Path | None, typer.Option("--init-adapter", help="DPO / RL: the SFT adapter.")
+        ] = None,
+        reward_adapter: Annotated[
+            Path | None,
+            typer.Option("--reward-adapter", help="RL: the reward model (a `train reward` folder)."),
         ] = None,
         max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
         max_train_examples: Annotated[int | None, typer.Option("--max-train-examples")] = None,
@@ -122,7 +130,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
-        """LoRA (CPU) or QLoRA (CUDA, 4-bit) SFT/DPO from a recipe, picked automatically and reported."""
+        """LoRA (CPU) or QLoRA (CUDA, 4-bit) training from a recipe, picked automatically and reported:
+        SFT, DPO, continued pre-training (cpt), reward model (reward) or GRPO (rl)."""
         from rag_persona.cli import _progress
         from rag_persona.errors import RagPersonaError
 
@@ -157,6 +166,7 @@ def register(app: typer.Typer) -> None:
             max_train_examples=max_train_examples,
             seed=seed,
             cpu_threads=threads,
+            rl_reward_adapter=str(reward_adapter) if reward_adapter else None,
         )
         if r.stage != stage:
             raise RagPersonaError(
@@ -166,9 +176,17 @@ def register(app: typer.Typer) -> None:
         if as_json:
             echo_json({k: v for k, v in metrics.items() if k != "lineage"})
         else:
-            typer.echo(
-                f"{metrics['output']}: {metrics['steps']} steps, train loss {metrics['train_loss']:.4f}"
-            )
+            line = f"{metrics['output']}: {metrics['steps']} steps, train loss {metrics['train_loss']:.4f}"
+            if metrics.get("heldout_after"):
+                before = (metrics.get("heldout_before") or {}).get("accuracy")
+                line += f", held-out pair accuracy {before} → {metrics['heldout_after']['accuracy']}"
+            if metrics.get("reward_last_step") is not None:
+                line += (
+                    f", mean reward {metrics['reward_first_step']:.3f} → {metrics['reward_last_step']:.3f}"
+                )
+            if metrics.get("merged"):
+                line += " (merged standalone model)"
+            typer.echo(line)
 
     @app.command("ship-adapter")
     @friendly
@@ -184,3 +202,11 @@ def register(app: typer.Typer) -> None:
         from training.trainers import ship_adapter
 
         typer.echo(str(ship_adapter(run, ADAPTERS_ROOT / name, default=default)))
+
+    from training.cli_rl import register as _register_rl
+
+    _register_rl(app)
+
+    from training.cli_merge import register as _register_merge
+
+    _register_merge(app)

@@ -1,5 +1,8 @@
 """SFT and DPO with token-level EOS: recipes, LoRA (CPU) / QLoRA (CUDA), seeded, saved with provenance.
 
+The same recipes drive continued pre-training (`training.cpt`), the reward model (`training.reward_model`)
+and RL (`training.rl`); `train` dispatches those stages to their modules.
+
 The data reaching trl is pre-tokenised by `training.labels` (EOS appended as an id, prompt masked), and
 thin trainer subclasses refuse anything else, so trl's string-EOS path can never run. Every example's
 labels are audited before the first step.
@@ -38,7 +41,10 @@ from .labels import (
     tokenize_rows,
 )
 
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "dpo", "cpt", "reward", "rl")
+CPT_FORMATS = ("prose", "qa")
+RULE_REWARDS = ("length", "eos", "style")
+REWARD_SOURCES = ("reward_model", *RULE_REWARDS)
 QUANTIZATION = ("auto", "4bit", "none")
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 ADAPTER_MANIFEST = "rag_persona_adapter.json"
@@ -55,7 +61,43 @@ class LoraRecipe:
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
     # LoRA on the last N decoder layers only (None: all). On CPU the backward pass then stops there.
+    # Modules outside the decoder layers (embed_tokens, lm_head) named in target_modules keep their LoRA.
     top_layers: int | None = None
+
+
+@dataclass
+class CptRecipe:
+    """Continued pre-training data: the persona's knowledge rendered as prose (training.cpt_data)."""
+
+    knowledge_dir: str | None = None  # default: knowledge/<persona>
+    block_size: int = 256
+    # Renderings of the whole knowledge, each with its own fact order, grouping and headings: the same fact
+    # seen in several contexts is what makes it recallable rather than memorised as one token sequence.
+    variants: int = 8
+    eval_variants: int = 1  # further renderings (unseen seeds) held out for the eval loss
+    formats: list[str] = field(default_factory=lambda: ["prose", "qa"])
+    facts_per_paragraph: int = 4
+    merge: bool = True  # merge the adapter into the base and save a standalone model folder
+
+
+@dataclass
+class RlRecipe:
+    """GRPO settings (training.rl). Rewards are summed with these weights; 0 switches one off."""
+
+    num_generations: int = 2
+    max_completion_length: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # trl: advantage = (reward - mean of the prompt's group) / scale; "group" divides by the group's std,
+    # "none" keeps the plain group-mean baseline (Dr. GRPO).
+    scale_rewards: str = "group"
+    loss_type: str = "dapo"
+    reward_adapter: str | None = None  # a `train reward` output folder
+    reward_weights: dict[str, float] = field(
+        default_factory=lambda: {"reward_model": 1.0, "length": 0.5, "eos": 1.0, "style": 0.5}
+    )
+    length_target: int = 30
+    length_tolerance: int = 15
 
 
 @dataclass
@@ -94,6 +136,8 @@ class Recipe:
     logging_steps: int = 1
     output_dir: str | None = None
     notes: str = ""
+    cpt: CptRecipe = field(default_factory=CptRecipe)
+    rl: RlRecipe = field(default_factory=RlRecipe)
 
     def validate(self, where: str = "recipe") -> Recipe:
         if self.stage not in STAGES:
@@ -113,10 +157,82 @@ class Recipe:
             raise RagPersonaError(f"{where}: field 'dpo_loss_weights': needs one weight per dpo_loss entry")
         if self.lora.r <= 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
             raise RagPersonaError(f"{where}: field 'lora': r and alpha must be positive, dropout in [0, 1)")
+        if self.stage in ("cpt", "reward") and self.init_adapter:
+            raise RagPersonaError(
+                f"{where}: field 'init_adapter': the {self.stage} stage starts from the base model"
+            )
+        if self.stage == "cpt":
+            self._validate_cpt(where)
+        if self.stage == "rl":
+            self._validate_rl(where)
         return self
 
+    def _validate_cpt(self, where: str) -> None:
+        c = self.cpt
+        if isinstance(c.formats, str):
+            c.formats = [c.formats]
+        unknown = [f for f in c.formats if f not in CPT_FORMATS]
+        if unknown or not c.formats:
+            raise RagPersonaError(
+                f"{where}: field 'cpt.formats': {unknown or c.formats} not in {CPT_FORMATS}"
+            )
+        for name in ("block_size", "variants", "facts_per_paragraph"):
+            if getattr(c, name) <= 0:
+                raise RagPersonaError(f"{where}: field 'cpt.{name}': must be positive")
+        if c.eval_variants < 0:
+            raise RagPersonaError(f"{where}: field 'cpt.eval_variants': must be 0 or more")
+
+    def _validate_rl(self, where: str) -> None:
+        r = self.rl
+        if self.beta <= 0:
+            raise RagPersonaError(
+                f"{where}: field 'beta': must be positive (the KL penalty to the reference)"
+            )
+        if r.num_generations < 2:
+            raise RagPersonaError(
+                f"{where}: field 'rl.num_generations': at least 2 (the group is the baseline)"
+            )
+        if self.batch_size % r.num_generations:
+            raise RagPersonaError(
+                f"{where}: field 'batch_size': {self.batch_size} completions per step must be a multiple of "
+                f"rl.num_generations {r.num_generations}"
+            )
+        if r.max_completion_length <= 0 or r.length_tolerance <= 0:
+            raise RagPersonaError(
+                f"{where}: field 'rl': max_completion_length and length_tolerance must be positive"
+            )
+        if r.scale_rewards not in ("group", "batch", "none"):
+            raise RagPersonaError(
+                f"{where}: field 'rl.scale_rewards': {r.scale_rewards!r} not in group, batch, none"
+            )
+        if not isinstance(r.reward_weights, dict):
+            raise RagPersonaError(
+                f"{where}: field 'rl.reward_weights': expected a mapping of reward to weight"
+            )
+        unknown = sorted(set(r.reward_weights) - set(REWARD_SOURCES))
+        if unknown:
+            raise RagPersonaError(
+                f"{where}: field 'rl.reward_weights': unknown reward {unknown[0]!r} (known: {', '.join(REWARD_SOURCES)})"
+            )
+        if not any(float(w) != 0 for w in r.reward_weights.values()):
+            raise RagPersonaError(
+                f"{where}: field 'rl.reward_weights': every weight is 0; nothing to learn from"
+            )
+        if float(r.reward_weights.get("reward_model", 0)) != 0 and not r.reward_adapter:
+            raise RagPersonaError(
+                f"{where}: field 'rl.reward_adapter': missing, but rl.reward_weights.reward_model is not 0 "
+                "(train one with `rag-persona train reward`, or set its weight to 0)"
+            )
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for key in ("cpt", "rl"):  # stage-specific blocks only where they apply
+            if self.stage != key:
+                out.pop(key)
+        return out
+
+
+_NESTED = {"lora": LoraRecipe, "cpt": CptRecipe, "rl": RlRecipe}
 
 
 def _from_dict(cls, data: dict, where: str):
@@ -125,8 +241,14 @@ def _from_dict(cls, data: dict, where: str):
     if unknown:
         raise RagPersonaError(f"{where}: field '{unknown[0]}': unknown (known: {', '.join(names)})")
     kwargs = dict(data)
-    if cls is Recipe and isinstance(kwargs.get("lora"), dict):
-        kwargs["lora"] = _from_dict(LoraRecipe, kwargs["lora"], f"{where}: lora")
+    if cls is Recipe:
+        for key, sub in _NESTED.items():
+            if isinstance(kwargs.get(key), dict):
+                kwargs[key] = _from_dict(sub, kwargs[key], f"{where}: {key}")
+            elif key in kwargs and kwargs[key] is None:
+                del kwargs[key]
+            elif key in kwargs:
+                raise RagPersonaError(f"{where}: field '{key}': expected a mapping")
     for req in ("name", "stage") if cls is Recipe else ():
         if req not in kwargs:
             raise RagPersonaError(f"{where}: field '{req}': missing")
@@ -161,6 +283,10 @@ def load_recipe(name_or_path: str | Path, **overrides) -> Recipe:
             continue
         if key.startswith("lora_"):
             setattr(recipe.lora, key[5:], value)
+        elif key.startswith("rl_"):
+            setattr(recipe.rl, key[3:], value)
+        elif key.startswith("cpt_"):
+            setattr(recipe.cpt, key[4:], value)
         elif hasattr(recipe, key):
             setattr(recipe, key, value)
         else:
@@ -281,16 +407,34 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def lora_config(recipe: Recipe, model):
+def lora_config(recipe: Recipe, model, *, task_type: str = "CAUSAL_LM", modules_to_save=None):
+    """The recipe's LoRA for this model.
+
+    target_modules is "all-linear" or a list of module names, where the list may hold "all-linear" (the
+    decoder's linear layers) next to modules outside the decoder layers such as embed_tokens and lm_head.
+    """
     from peft import LoraConfig
 
     targets = recipe.lora.target_modules
+    if isinstance(targets, list | tuple):
+        targets = list(targets)
+        if "all-linear" in targets:
+            targets = sorted(set(linear_module_names(model)) | (set(targets) - {"all-linear"}))
+    elif task_type != "CAUSAL_LM" and targets == "all-linear":
+        # peft's "all-linear" keeps every Linear except the LM head; a classifier's score head is one of them,
+        # and it is trained whole (modules_to_save) instead.
+        targets = linear_module_names(model)
     layers = None
     if recipe.lora.top_layers:
         n = model.config.get_text_config().num_hidden_layers
         layers = list(range(max(0, n - recipe.lora.top_layers), n))
         if targets == "all-linear":
             targets = linear_module_names(model)
+        outside = [t for t in targets if t not in set(linear_module_names(model))]
+        if outside:
+            # peft's layers_to_transform drops every module without a layer index (embed_tokens, lm_head),
+            # so name each module in full instead: the chosen layers' ones and the outside ones.
+            targets, layers = _full_target_names(model, targets, set(layers)), None
     return LoraConfig(
         r=recipe.lora.r,
         lora_alpha=recipe.lora.alpha,
@@ -298,8 +442,24 @@ def lora_config(recipe: Recipe, model):
         target_modules=targets,
         layers_to_transform=layers,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
+
+
+def _full_target_names(model, targets: list[str], layers: set[int]) -> list[str]:
+    import re
+
+    wanted = set(targets)
+    names = []
+    for full, _ in model.named_modules():
+        last = full.rsplit(".", 1)[-1]
+        if last not in wanted and full not in wanted:
+            continue
+        m = re.search(r"\.(?:layers|h)\.(\d+)\.", full)
+        if m is None or int(m.group(1)) in layers:
+            names.append(full)
+    return names
 
 
 def _subset(rows: list, n: int | None, seed: int) -> list:
@@ -323,7 +483,16 @@ def _progress_callback(progress: Callable[[str], None]):
             elapsed = time.time() - getattr(self, "started", time.time())
             step = max(state.global_step, 1)
             eta = elapsed / step * (state.max_steps - state.global_step)
-            keys = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "learning_rate")
+            keys = (
+                "loss",
+                "eval_loss",
+                "rewards/accuracies",
+                "rewards/margins",
+                "accuracy",
+                "reward",
+                "kl",
+                "learning_rate",
+            )
             shown = " ".join(f"{k}={logs[k]:.4g}" for k in keys if isinstance(logs.get(k), int | float))
             if not shown:
                 return
@@ -334,7 +503,14 @@ def _progress_callback(progress: Callable[[str], None]):
     return Progress()
 
 
-def plot_losses(history: list[dict], path: Path, title: str, eval_before: float | None = None) -> Path:
+def plot_losses(
+    history: list[dict],
+    path: Path,
+    title: str,
+    eval_before: float | None = None,
+    second: tuple[str, str] = ("rewards/margins", "reward margin (chosen − rejected)"),
+) -> Path:
+    """Train/eval loss, and a second panel with `second` = (log key, axis label) when the log has it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,7 +520,8 @@ def plot_losses(history: list[dict], path: Path, title: str, eval_before: float 
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
     if eval_before is not None:
         evals = [(0, eval_before), *evals]
-    margins = [(h["step"], h["rewards/margins"]) for h in history if "rewards/margins" in h and "loss" in h]
+    key, label = second
+    margins = [(h["step"], h[key]) for h in history if key in h and "loss" in h]
     ncols = 2 if margins else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
     ax = axes[0][0]
@@ -361,7 +538,7 @@ def plot_losses(history: list[dict], path: Path, title: str, eval_before: float 
         ax2 = axes[0][1]
         ax2.plot(*zip(*margins, strict=True), lw=1, color="tab:green")
         ax2.set_xlabel("step")
-        ax2.set_ylabel("reward margin (chosen − rejected)")
+        ax2.set_ylabel(label)
         ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -443,24 +620,23 @@ def train(
     cuda: bool | None = None,
     keep_model: bool = False,
 ) -> dict:
-    """Run one SFT or DPO stage; return metrics. The adapter folder appears only when training finished.
+    """Run one stage; return metrics. The output folder appears only when training finished.
 
-    keep_model=True adds the trained peft model under "model" (tests inspect its weights).
+    SFT and DPO run here; cpt, reward and rl run in training.cpt, training.reward_model and training.rl.
+    keep_model=True adds the trained model under "model" (tests inspect its weights).
     """
-    import torch
-    from transformers import set_seed
+    if recipe.stage in _OTHER_STAGES:
+        import importlib
+
+        module, func = _OTHER_STAGES[recipe.stage]
+        run = getattr(importlib.import_module(module), func)
+        return run(recipe, out, progress=progress, cuda=cuda, keep_model=keep_model)
 
     from rag_persona.llm import load_causal_lm
 
     started = time.time()
     out = Path(out or recipe.output_dir or f"runs/{recipe.name}")
-    mode = pick_mode(recipe, cuda)
-    progress(f"{recipe.stage.upper()} {recipe.name}: {mode.describe()}")
-    set_seed(recipe.seed)
-    if mode.device == "cpu" and recipe.cpu_threads:
-        torch.set_num_threads(recipe.cpu_threads)
-    load = [round(x, 2) for x in os.getloadavg()]
-    progress(f"torch threads {torch.get_num_threads()}, load average {load[0]} on {os.cpu_count()} cores")
+    mode, load = _start(recipe, cuda, progress)
 
     data_dir = Path(recipe.data_dir)
     train_path = _resolve(recipe.train_file, data_dir)
@@ -472,12 +648,7 @@ def train(
         recipe.base_model, load_in_4bit=mode.quantized, device=mode.device, progress=progress
     )
     model, tokenizer = loaded.model, loaded.tokenizer
-    gen_eos = model.generation_config.eos_token_id
-    gen_eos = (
-        list(gen_eos) if isinstance(gen_eos, list | tuple) else ([gen_eos] if gen_eos is not None else [])
-    )
-    eos_id = resolve_eos_id(tokenizer, gen_eos)
-    eos_ids = stop_ids(tokenizer, gen_eos) | {eos_id}
+    eos_id, eos_ids = eos_ids_of(model, tokenizer)
     progress(f"EOS appended as token id {eos_id} ({tokenizer.convert_ids_to_tokens(eos_id)!r})")
 
     used_rows = _subset(train_rows, recipe.max_train_examples, recipe.seed)
@@ -528,46 +699,22 @@ def train(
             recipe, mode, model, tokenizer, peft_config, train_data, eval_data, work, progress
         )
         trainer_model = metrics.pop("_model")
-        trainer_model.save_pretrained(str(work), selected_adapters=["default"])
-        (work / "README.md").unlink(missing_ok=True)  # peft's generic model card
+        save_adapter(trainer_model, work)
         history = metrics.pop("_history")
-        (work / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
-        before = (metrics.get("eval_before") or {}).get("eval_loss")
-        plot_losses(history, work / "loss.png", f"{recipe.stage.upper()} {recipe.name}", before)
-        (work / "recipe.yaml").write_text(
-            yaml.safe_dump(recipe.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8"
-        )
         totals = {"train": len(train_rows), "eval": len(eval_rows) if eval_rows else 0}
         manifest = _data_manifest(recipe, train_path, eval_path, train_data, eval_data, totals)
-        (work / "data_manifest.json").write_text(
-            json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8"
-        )
         metrics.update(
-            {
-                "recipe": recipe.name,
-                "stage": recipe.stage,
-                "base_model": recipe.base_model,
-                "base_source": loaded.source,
-                "persona": recipe.persona,
-                "mode": asdict(mode),
-                "eos_id": eos_id,
-                "eos_token": tokenizer.convert_ids_to_tokens(eos_id),
+            run_info(recipe, mode, loaded.source, tokenizer, eos_id, started, load)
+            | {
                 "train_examples": len(train_data.examples),
                 "eval_examples": len(eval_data.examples) if eval_data else 0,
                 "label_audit": {"checked": len(audit), "failed": sum(not r.ok for r in audit)},
-                "seconds": round(time.time() - started, 1),
-                "threads": torch.get_num_threads(),
-                "load_average_at_start": load,
-                "versions": _versions(),
                 "init_adapter": recipe.init_adapter,
                 "lineage": lineage,
             }
         )
-        (work / "metrics.json").write_text(
-            json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8"
-        )
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        _write_atomic(work, out)
+        metrics["seconds"] = round(time.time() - started, 1)
+        finish_run(work, out, recipe, metrics, history, manifest)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
@@ -576,6 +723,90 @@ def train(
     if keep_model:
         metrics["model"] = trainer_model
     return metrics
+
+
+_OTHER_STAGES = {
+    "cpt": ("training.cpt", "train_cpt"),
+    "reward": ("training.reward_model", "train_reward"),
+    "rl": ("training.rl", "train_rl"),
+}
+
+
+def _start(recipe: Recipe, cuda: bool | None, progress: Callable[[str], None]) -> tuple[Mode, list[float]]:
+    """Pick the mode, seed everything, set CPU threads; report both. Returns (mode, load average)."""
+    import torch
+    from transformers import set_seed
+
+    mode = pick_mode(recipe, cuda)
+    progress(f"{recipe.stage.upper()} {recipe.name}: {mode.describe()}")
+    set_seed(recipe.seed)
+    if mode.device == "cpu" and recipe.cpu_threads:
+        torch.set_num_threads(recipe.cpu_threads)
+    load = [round(x, 2) for x in os.getloadavg()]
+    progress(f"torch threads {torch.get_num_threads()}, load average {load[0]} on {os.cpu_count()} cores")
+    return mode, load
+
+
+def eos_ids_of(model, tokenizer) -> tuple[int, set[int]]:
+    """(the EOS id appended to labels, every id that ends generation) for this model and tokenizer."""
+    gen_eos = model.generation_config.eos_token_id
+    gen_eos = (
+        list(gen_eos) if isinstance(gen_eos, list | tuple) else ([gen_eos] if gen_eos is not None else [])
+    )
+    eos_id = resolve_eos_id(tokenizer, gen_eos)
+    return eos_id, stop_ids(tokenizer, gen_eos) | {eos_id}
+
+
+def save_adapter(model, folder: Path, **kwargs) -> None:
+    """The trained "default" adapter only (a GRPO/DPO "ref" copy stays behind), without peft's model card."""
+    model.save_pretrained(str(folder), selected_adapters=["default"], **kwargs)
+    (folder / "README.md").unlink(missing_ok=True)
+
+
+def run_info(recipe: Recipe, mode: Mode, source: str, tokenizer, eos_id: int, started: float, load) -> dict:
+    """The metrics every stage records: what ran, on what, with which versions."""
+    import torch
+
+    return {
+        "recipe": recipe.name,
+        "stage": recipe.stage,
+        "base_model": recipe.base_model,
+        "base_source": source,
+        "persona": recipe.persona,
+        "mode": asdict(mode),
+        "eos_id": eos_id,
+        "eos_token": tokenizer.convert_ids_to_tokens(eos_id),
+        "seconds": round(time.time() - started, 1),
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": load,
+        "versions": _versions(),
+    }
+
+
+def finish_run(
+    work: Path,
+    out: Path,
+    recipe: Recipe,
+    metrics: dict,
+    history: list[dict],
+    manifest: dict,
+    *,
+    second: tuple[str, str] | None = None,
+) -> None:
+    """Write the provenance files next to the trained weights in `work`, then move `work` to `out`."""
+    (work / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    before = (metrics.get("eval_before") or {}).get("eval_loss")
+    extra = {"second": second} if second else {}
+    plot_losses(history, work / "loss.png", f"{recipe.stage.upper()} {recipe.name}", before, **extra)
+    (work / "recipe.yaml").write_text(
+        yaml.safe_dump(recipe.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8"
+    )
+    (work / "data_manifest.json").write_text(
+        json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8"
+    )
+    (work / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    _write_atomic(work, out)
 
 
 def _ensure_parent(out: Path) -> Path:
@@ -596,12 +827,9 @@ def _lineage(init: Path) -> dict:
     return info
 
 
-def _run_trainer(recipe, mode, model, tokenizer, peft_config, train_data, eval_data, work, progress) -> dict:
-    from datasets import Dataset
-
-    EosSafeSFTTrainer, EosSafeDPOTrainer = _trainer_classes()
-    tty = sys.stderr.isatty()
-    common = dict(
+def common_args(recipe: Recipe, mode: Mode, work: Path) -> dict:
+    """TrainingArguments shared by every trl config: batch, schedule, seeding, device, logging."""
+    return dict(
         output_dir=str(work / "checkpoints"),
         per_device_train_batch_size=recipe.batch_size,
         per_device_eval_batch_size=recipe.batch_size,
@@ -623,10 +851,25 @@ def _run_trainer(recipe, mode, model, tokenizer, peft_config, train_data, eval_d
         gradient_checkpointing=(
             mode.quantized if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
         ),
-        disable_tqdm=not tty,
+        disable_tqdm=not sys.stderr.isatty(),
         dataloader_num_workers=0,
-        max_length=None,
     )
+
+
+def quiet_printer(trainer) -> None:
+    """Our progress lines replace the Trainer's raw log dicts when stderr is a log file."""
+    if not sys.stderr.isatty():
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+
+
+def _run_trainer(recipe, mode, model, tokenizer, peft_config, train_data, eval_data, work, progress) -> dict:
+    """SFT or DPO through trl."""
+    from datasets import Dataset
+
+    EosSafeSFTTrainer, EosSafeDPOTrainer = _trainer_classes()
+    common = common_args(recipe, mode, work) | {"max_length": None}
     train_ds = Dataset.from_dict(train_data.columns())
     eval_ds = Dataset.from_dict(eval_data.columns()) if eval_data and eval_data.examples else None
     callbacks = [_progress_callback(progress)]
@@ -658,10 +901,7 @@ def _run_trainer(recipe, mode, model, tokenizer, peft_config, train_data, eval_d
             peft_config=peft_config,
             callbacks=callbacks,
         )
-    if not tty:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts in log files
+    quiet_printer(trainer)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     progress(f"trainable parameters: {trainable:,}")
     metrics: dict = {"trainable_parameters": trainable}
