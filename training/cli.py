@@ -145,6 +145,7 @@ def register(app: typer.Typer) -> None:
                 model=model,
                 max_steps=max_steps,
                 seed=seed,
+                threads=threads,
                 progress=_progress,
             )
             if as_json:

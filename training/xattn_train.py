@@ -470,6 +470,7 @@ def run_from_cli(
     model: str | None = None,
     max_steps: int | None = None,
     seed: int | None = None,
+    threads: int | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
     """`rag-persona train xattn --recipe xattn_cpu [--data-dir runs/data] [--out runs/xattn_cpu]`."""
@@ -487,6 +488,8 @@ def run_from_cli(
         max_steps=max_steps,
         seed=seed,
     )
+    if threads:
+        cfg.threads = threads
     return train_xattn(cfg, log=progress)
 
 
