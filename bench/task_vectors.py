@@ -123,6 +123,36 @@ def _norm_rows(runs: dict[str, Path], top_percent: float) -> list[dict]:
     return rows
 
 
+def _seed_rows(runs: dict[str, Path]) -> list[dict]:
+    """Same data, seed 42 vs seed 100: how far apart the seed alone puts two runs."""
+    from training.task_vectors import task_vectors
+
+    rows = []
+    for lr, data in itertools.product(LRS, DATASETS):
+        a, b = (runs[run_name(data, seed, lr)] for seed in SEEDS)
+        report = task_vectors([a, b], pairs=True)
+        pair = report.overall(report.scopes[2])
+        own = report.overall(report.scopes[0])
+        rows.append({"data": data, "lr": lr, "l1": pair["l1"], "l2": pair["l2"], "own_l2": own["l2"]})
+    return rows
+
+
+def seed_table(rows: list[dict]) -> list[str]:
+    out = [
+        "",
+        f"Same data, seed {SEEDS[0]} vs seed {SEEDS[1]} (‖SFT_s{SEEDS[0]} − SFT_s{SEEDS[1]}‖; √2·‖SFT_s{SEEDS[0]}−base‖₂ "
+        "is what two orthogonal task vectors of that size would give):",
+        "",
+        "| data | lr | L1 | L2 | √2·‖SFT−base‖₂ |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['data']} | {r['lr']:.0e} | {r['l1']:.2f} | {r['l2']:.4f} | {2**0.5 * r['own_l2']:.4f} |"
+        )
+    return out
+
+
 def _persona_metrics(args, variants: dict[str, Path | None]) -> dict[str, dict]:
     """Every variant on the same held-out prompts, one base model, adapters attached and switched."""
     from peft import PeftModel
@@ -160,6 +190,7 @@ def analyse(args, runs: dict[str, Path]) -> int:
 
     started = time.perf_counter()
     norms = _norm_rows(runs, 100.0) + _norm_rows(runs, args.top_percent)
+    seeds = _seed_rows(runs)
     merges = {}
     variants: dict[str, Path | None] = {"base": None}
     for seed, lr in ((args.merge_seed, args.merge_lr),):
@@ -191,6 +222,7 @@ def analyse(args, runs: dict[str, Path]) -> int:
             f"| {r['seed']} | {r['lr']:.0e} | {r['top_percent']:g} | {r['D0 L1']:.2f} | {r['D0 L2']:.4f} | "
             f"{r['D1 L1']:.2f} | {r['D1 L2']:.4f} | {r['D0-D1 L1']:.2f} | {r['D0-D1 L2']:.4f} |"
         )
+    lines += seed_table(seeds)
     cols = [
         ("style_rate", "お嬢様 style"),
         ("eos_rate", "EOS"),
@@ -219,7 +251,11 @@ def analyse(args, runs: dict[str, Path]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md, encoding="utf-8")
     out.with_suffix(".json").write_text(
-        json.dumps({"norms": norms, "merges": merges, "persona": persona}, ensure_ascii=False, indent=1),
+        json.dumps(
+            {"norms": norms, "seed_pairs": seeds, "merges": merges, "persona": persona},
+            ensure_ascii=False,
+            indent=1,
+        ),
         encoding="utf-8",
     )
     print(md)
