@@ -19,10 +19,13 @@ class GenerationSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     repetition_penalty: float = 1.05
+    no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of tokens (stops small models' loops)
     seed: int | None = None
 
     def to_generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
         if self.do_sample:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
