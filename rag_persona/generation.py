@@ -10,6 +10,31 @@ from dataclasses import asdict, dataclass
 from .errors import RagPersonaError
 
 
+class ReplyNoRepeatNGram:
+    """Logits processor: ban any token that would repeat an n-gram of the generated reply (prompt excluded).
+
+    The prompt length is taken from the first call, so make one instance per `generate` call.
+    """
+
+    def __init__(self, n: int):
+        if n < 2:
+            raise RagPersonaError(f"reply_no_repeat_ngram: {n} must be at least 2")
+        self.n, self.start = n, None
+
+    def __call__(self, input_ids, scores):
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        n = self.n
+        for row, ids in enumerate(input_ids[:, self.start :].tolist()):
+            if len(ids) < n:
+                continue
+            tail = ids[len(ids) - n + 1 :]
+            banned = {ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i : i + n - 1] == tail}
+            if banned:
+                scores[row, list(banned)] = float("-inf")
+        return scores
+
+
 @dataclass
 class GenerationSettings:
     """Decoding settings; greedy by default so replies are reproducible."""
@@ -19,13 +44,17 @@ class GenerationSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     repetition_penalty: float = 1.05
-    no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of tokens (stops small models' loops)
+    # > 0: the reply never repeats one of its own n-grams (stops small models' loops). Unlike transformers'
+    # no_repeat_ngram_size, the prompt is not counted, so facts can still be copied from the context.
+    reply_no_repeat_ngram: int = 0
     seed: int | None = None
 
     def to_generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.reply_no_repeat_ngram:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([ReplyNoRepeatNGram(self.reply_no_repeat_ngram)])
         if self.do_sample:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
