@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench/results/persona.md"))
     ap.add_argument("--json", default=None, help="also write the full report here (default: next to --out)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
+    ap.add_argument(
+        "--reply-no-repeat-ngram", type=int, default=None, help="override the chat default (0: off)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -114,6 +117,8 @@ def main(argv=None) -> int:
     model.eval()
     loaded.model = model
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    if args.reply_no_repeat_ngram is not None:
+        settings.reply_no_repeat_ngram = args.reply_no_repeat_ngram
 
     variants = [("base", None), ("SFT", "sft"), ("SFT+DPO", "dpo")]
     rows, reports = [], {}
@@ -143,7 +148,8 @@ def main(argv=None) -> int:
         "index": str(getattr(store, "path", args.index)),
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
-        "decoding": "greedy, repetition_penalty 1.05",
+        "decoding": f"greedy, repetition_penalty {settings.repetition_penalty}, "
+        f"reply_no_repeat_ngram {settings.reply_no_repeat_ngram or 'off'}",
         "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cpus".strip(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }

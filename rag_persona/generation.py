@@ -46,7 +46,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.05
     # > 0: the reply never repeats one of its own n-grams (stops small models' loops). Unlike transformers'
     # no_repeat_ngram_size, the prompt is not counted, so facts can still be copied from the context.
-    reply_no_repeat_ngram: int = 0
+    reply_no_repeat_ngram: int = 4
     seed: int | None = None
 
     def to_generate_kwargs(self) -> dict:

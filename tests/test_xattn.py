@@ -242,7 +242,7 @@ def test_reply_stream_holds_memory_only_while_generating(tok):
     memory = memory_of(x, tok)
     assert memory.start is None  # "after the system turn", resolved from the prompt by the stream
     loaded = SimpleNamespace(model=base, tokenizer=tok)
-    settings = GenerationSettings(max_new_tokens=8, repetition_penalty=1.0)
+    settings = GenerationSettings(max_new_tokens=8, repetition_penalty=1.0, reply_no_repeat_ngram=0)
     stream = XattnReplyStream(loaded, PROMPT, settings, xmodel=x, memory=memory)
     text = "".join(stream)
     head = system_prefix_ids(tok, PROMPT)
@@ -434,7 +434,7 @@ def test_memory_starts_after_the_system_turn_and_its_cache_is_reused(tok):
     torch.testing.assert_close(batched, (full * n_full + other * n_o) / n_b, rtol=1e-4, atol=1e-4)
     # Chat: the same reply with the system turn from the cache, and fewer tokens prefilled.
     loaded = SimpleNamespace(model=base, tokenizer=tok)
-    settings = GenerationSettings(max_new_tokens=8, repetition_penalty=1.0)
+    settings = GenerationSettings(max_new_tokens=8, repetition_penalty=1.0, reply_no_repeat_ngram=0)
     a = XattnReplyStream(loaded, PROMPT, settings, xmodel=x, memory=memory)
     b = XattnReplyStream(loaded, PROMPT, settings, xmodel=x, memory=memory, prefix=prefix)
     assert "".join(a) == "".join(b) and a.reply.new_tokens == b.reply.new_tokens == 8
