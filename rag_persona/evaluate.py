@@ -211,10 +211,10 @@ def run_evaluation(
         chat = load_xattn_chat(
             model,
             weights,
-            index=getattr(store, "path", index),
             persona=persona,
             settings=settings,
             retriever=retriever,
+            store=store,  # already opened with the retriever
             progress=progress or (lambda m: None),
         )
         loaded = chat.loaded

@@ -38,23 +38,10 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def load_causal_lm(
-    name: str | None = None,
-    *,
-    adapter: str | None = None,
-    load_in_4bit: bool = False,
-    device: str | None = None,
-    progress=print,
-) -> LoadedModel:
-    """Load weights as safetensors with trust_remote_code off; attach a peft adapter if given."""
+def from_pretrained_kwargs(load_in_4bit: bool = False) -> dict:
+    """`from_pretrained` arguments for every model we load: safetensors, no remote code, bf16 or 4-bit NF4."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model_path(name, progress=progress)
-    has_cuda = cuda_available()
-    device = device or ("cuda" if has_cuda else "cpu")
-    if load_in_4bit and not has_cuda:
-        raise RagPersonaError(f"model {source}: 4-bit loading needs CUDA (bitsandbytes); none is present")
     kwargs: dict = {"trust_remote_code": False, "use_safetensors": True}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -68,6 +55,26 @@ def load_causal_lm(
         kwargs["device_map"] = {"": 0}
     else:
         kwargs["dtype"] = torch.bfloat16
+    return kwargs
+
+
+def load_causal_lm(
+    name: str | None = None,
+    *,
+    adapter: str | None = None,
+    load_in_4bit: bool = False,
+    device: str | None = None,
+    progress=print,
+) -> LoadedModel:
+    """Load weights as safetensors with trust_remote_code off; attach a peft adapter if given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_path(name, progress=progress)
+    has_cuda = cuda_available()
+    device = device or ("cuda" if has_cuda else "cpu")
+    if load_in_4bit and not has_cuda:
+        raise RagPersonaError(f"model {source}: 4-bit loading needs CUDA (bitsandbytes); none is present")
+    kwargs = from_pretrained_kwargs(load_in_4bit)
     is_local = Path(source).exists()
     if not is_local and "/" not in source:
         raise RagPersonaError(

@@ -805,6 +805,7 @@ def load_xattn_chat(
     persona: str | None = None,
     settings=None,
     retriever=None,
+    store=None,
     progress=print,
     allow_untrained: bool = False,
 ) -> XattnChat:
@@ -813,7 +814,8 @@ def load_xattn_chat(
     from .store import default_store, load_index
     from .xattn_memory import load_or_build_encodings
 
-    store = load_index(index) if index else default_store(persona, log=progress)
+    if store is None:
+        store = load_index(index) if index else default_store(persona, log=progress)
     if retriever is None:
         try:
             from .retrieve import retriever_for

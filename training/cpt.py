@@ -15,7 +15,6 @@ from rag_persona.errors import RagPersonaError
 from .cpt_data import build_cpt_data
 from .trainers import (
     Recipe,
-    _clean,
     _ensure_parent,
     _progress_callback,
     _start,
@@ -26,6 +25,7 @@ from .trainers import (
     quiet_printer,
     run_info,
     save_adapter,
+    train_and_evaluate,
 )
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
@@ -98,19 +98,7 @@ def _run_cpt_trainer(recipe: Recipe, mode, model, peft_config, data, work: Path,
         callbacks=[_progress_callback(progress)],
     )
     quiet_printer(trainer)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    progress(f"trainable parameters: {trainable:,}")
-    metrics: dict = {"trainable_parameters": trainable}
-    if eval_ds is not None:
-        progress(f"evaluating on {len(eval_ds)} held-out blocks before training")
-        metrics["eval_before"] = _clean(trainer.evaluate())
-    result = trainer.train()
-    metrics["train"] = _clean(result.metrics)
-    metrics["train_loss"] = result.training_loss
-    metrics["steps"] = trainer.state.global_step
-    if eval_ds is not None:
-        progress("evaluating after training")
-        metrics["eval_after"] = _clean(trainer.evaluate())
+    metrics = train_and_evaluate(trainer, eval_ds is not None, progress, what="blocks")
     metrics["_model"] = trainer.model
     metrics["_history"] = list(trainer.state.log_history)
     return metrics

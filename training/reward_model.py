@@ -12,20 +12,20 @@ from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
 
-from .labels import Tokenized, audit_tokenized, read_jsonl, require_clean, tokenize_rows
+from .labels import Tokenized, audit_tokenized, require_clean, tokenize_rows
 from .trainers import (
     Recipe,
     _clean,
     _data_manifest,
     _ensure_parent,
     _progress_callback,
-    _resolve,
     _start,
     _subset,
     common_args,
     finish_run,
     lora_config,
     quiet_printer,
+    read_recipe_data,
     run_info,
     save_adapter,
 )
@@ -81,28 +81,15 @@ def load_reward_model(
     progress: Callable[[str], None] = print,
 ) -> RewardModel:
     """The base as AutoModelForSequenceClassification (num_labels=1, safetensors, no remote code) + adapter."""
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    from rag_persona.llm import resolve_model_path
+    from rag_persona.llm import from_pretrained_kwargs, resolve_model_path
 
     from .labels import resolve_eos_id, stop_ids
 
     source = resolve_model_path(base, progress=progress)
-    kwargs: dict = {"trust_remote_code": False, "use_safetensors": True, "num_labels": 1}
-    if quantized:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True,
-        )
-        kwargs["device_map"] = {"": 0}
-    else:
-        kwargs["dtype"] = torch.bfloat16
+    kwargs = from_pretrained_kwargs(quantized) | {"num_labels": 1}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         with suppress_seqcls_warning():  # the score head is new; the base's lm_head is not used
@@ -244,11 +231,7 @@ def train_reward(
     started = time.time()
     out = Path(out or recipe.output_dir or f"runs/{recipe.name}")
     mode, load = _start(recipe, cuda, progress)
-    data_dir = Path(recipe.data_dir)
-    train_path = _resolve(recipe.train_file, data_dir)
-    eval_path = _resolve(recipe.eval_file, data_dir)
-    train_rows = read_jsonl(train_path)
-    eval_rows = read_jsonl(eval_path) if eval_path else None
+    train_path, eval_path, train_rows, eval_rows = read_recipe_data(recipe)
 
     rm = load_reward_model(recipe.base_model, device=mode.device, quantized=mode.quantized, progress=progress)
     model, tokenizer = rm.model, rm.tokenizer

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
 
-from .labels import Tokenized, encode_prompt, read_jsonl
+from .labels import Tokenized, encode_prompt
 from .rewards import build_rewards
 from .trainers import (
     Recipe,
@@ -25,7 +25,6 @@ from .trainers import (
     _ensure_parent,
     _lineage,
     _progress_callback,
-    _resolve,
     _start,
     _subset,
     common_args,
@@ -33,6 +32,7 @@ from .trainers import (
     finish_run,
     lora_config,
     quiet_printer,
+    read_recipe_data,
     run_info,
     save_adapter,
 )
@@ -125,11 +125,7 @@ def train_rl(
             f"{recipe.init_adapter}: not an adapter folder (no adapter_config.json); train the SFT stage first"
         )
     mode, load = _start(recipe, cuda, progress)
-    data_dir = Path(recipe.data_dir)
-    train_path = _resolve(recipe.train_file, data_dir)
-    eval_path = _resolve(recipe.eval_file, data_dir)
-    train_rows = read_jsonl(train_path)
-    eval_rows = read_jsonl(eval_path) if eval_path else None
+    train_path, eval_path, train_rows, eval_rows = read_recipe_data(recipe)
 
     loaded = load_causal_lm(
         recipe.base_model, load_in_4bit=mode.quantized, device=mode.device, progress=progress

@@ -638,11 +638,7 @@ def train(
     out = Path(out or recipe.output_dir or f"runs/{recipe.name}")
     mode, load = _start(recipe, cuda, progress)
 
-    data_dir = Path(recipe.data_dir)
-    train_path = _resolve(recipe.train_file, data_dir)
-    eval_path = _resolve(recipe.eval_file, data_dir)
-    train_rows = read_jsonl(train_path)
-    eval_rows = read_jsonl(eval_path) if eval_path else None
+    train_path, eval_path, train_rows, eval_rows = read_recipe_data(recipe)
 
     loaded = load_causal_lm(
         recipe.base_model, load_in_4bit=mode.quantized, device=mode.device, progress=progress
@@ -809,6 +805,34 @@ def finish_run(
     _write_atomic(work, out)
 
 
+def read_recipe_data(recipe: Recipe) -> tuple[Path, Path | None, list, list | None]:
+    """The recipe's train and (optional) eval files under its data_dir, and their rows."""
+    data_dir = Path(recipe.data_dir)
+    train_path = _resolve(recipe.train_file, data_dir)
+    eval_path = _resolve(recipe.eval_file, data_dir)
+    return train_path, eval_path, read_jsonl(train_path), read_jsonl(eval_path) if eval_path else None
+
+
+def train_and_evaluate(
+    trainer, has_eval: bool, progress: Callable[[str], None], what: str = "examples"
+) -> dict:
+    """Held-out loss before, training, held-out loss after: the metrics every stage reports."""
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    progress(f"trainable parameters: {trainable:,}")
+    metrics: dict = {"trainable_parameters": trainable}
+    if has_eval:
+        progress(f"evaluating on {len(trainer.eval_dataset)} held-out {what} before training")
+        metrics["eval_before"] = _clean(trainer.evaluate())
+    result = trainer.train()
+    metrics["train"] = _clean(result.metrics)
+    metrics["train_loss"] = result.training_loss
+    metrics["steps"] = trainer.state.global_step
+    if has_eval:
+        progress("evaluating after training")
+        metrics["eval_after"] = _clean(trainer.evaluate())
+    return metrics
+
+
 def _ensure_parent(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     return out.parent
@@ -902,19 +926,7 @@ def _run_trainer(recipe, mode, model, tokenizer, peft_config, train_data, eval_d
             callbacks=callbacks,
         )
     quiet_printer(trainer)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    progress(f"trainable parameters: {trainable:,}")
-    metrics: dict = {"trainable_parameters": trainable}
-    if eval_ds is not None:
-        progress(f"evaluating on {len(eval_ds)} held-out examples before training")
-        metrics["eval_before"] = _clean(trainer.evaluate())
-    result = trainer.train()
-    metrics["train"] = _clean(result.metrics)
-    metrics["train_loss"] = result.training_loss
-    metrics["steps"] = trainer.state.global_step
-    if eval_ds is not None:
-        progress("evaluating after training")
-        metrics["eval_after"] = _clean(trainer.evaluate())
+    metrics = train_and_evaluate(trainer, eval_ds is not None, progress)
     history = list(trainer.state.log_history)
     model = trainer.model
     if hasattr(model, "peft_config") and "ref" in model.peft_config:
