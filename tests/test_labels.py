@@ -16,6 +16,7 @@ from training.labels import (
     audit_labels,
     build_dpo_example,
     build_sft_example,
+    eos_contrast_pairs,
     resolve_eos_id,
     tokenize_rows,
     trl_sft_labels,
@@ -222,3 +223,33 @@ def test_qwen_trl_chat_path_ends_on_newline_ours_on_im_end(qwen_tok):
     n = ours.labels.index(next(i for i in ours.labels if i != IGNORE))
     assert ours.input_ids[:n] == encode_messages(qwen_tok, prompt)[0].tolist()
     assert qwen_tok.decode(trained(ours.labels)[:-1]) == answer
+
+
+def test_eos_contrast_pairs_differ_only_where_the_answer_ends(split_tok):
+    eos = split_tok.eos_token_id
+    rows = [
+        (
+            f"r{i}",
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": answer}],
+                "rejected": [{"role": "assistant", "content": "はい。"}],
+            },
+        )
+        for i, (prompt, answer) in enumerate(CHAT_ROWS * 2)
+    ]
+    data = tokenize_rows(split_tok, rows, eos, kind="dpo")
+    pairs = eos_contrast_pairs(data, eos, 0.5, seed=0, repeat_tokens=3)
+    assert len(pairs.examples) == 2 and all(s.endswith("(EOS contrast)") for s in pairs.sources)
+    for ex, src in zip(pairs.examples, pairs.sources, strict=True):
+        original = data.examples[data.sources.index(src.split(" ")[0])]
+        assert ex.prompt_ids == original.prompt_ids and ex.chosen_ids == original.chosen_ids
+        answer = ex.chosen_ids[:-1]
+        assert ex.chosen_ids[-1] == eos and eos not in ex.rejected_ids
+        assert ex.rejected_ids == answer + answer[:3]  # same tokens up to the EOS position, then runs on
+    with pytest.raises(LabelError, match="share"):
+        eos_contrast_pairs(data, eos, 0.0, seed=0)
+    broken = tokenize_rows(split_tok, rows[:1], eos, kind="dpo")
+    broken.examples[0].chosen_ids = broken.examples[0].chosen_ids[:-1]
+    with pytest.raises(LabelError, match="does not end in EOS"):
+        eos_contrast_pairs(broken, eos, 1.0, seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -389,6 +390,21 @@ def test_train_xattn_tiny_run_saves_only_cross_attention(tiny_model_dir, tmp_pat
     assert config.layers == [1] and config.trained["steps"] == 3
     assert tensors and all(k.startswith("blocks.1.") for k in tensors)
     assert (tmp_path / "index" / "xattn").is_dir()  # fact encodings cached in the index folder
+    assert summary["eval_loss_swapped_memory"] > 0
+
+    # Continue those weights, fact-carrying rows (2 of 3) seen 3x per epoch: 2 + 2*2 = 6 slots.
+    logs: list[str] = []
+    again = dataclasses.replace(
+        cfg, out=tmp_path / "out2", init_weights=str(tmp_path / "out"), fact_focus=3, max_steps=1
+    )
+    summary = train_xattn(again, log=logs.append)
+    assert any("fact focus: 2 rows" in m for m in logs)
+    assert any("initial weights: held-out loss" in m for m in logs)
+    config2, tensors2 = read_weights(tmp_path / "out2")
+    assert config2.trained["init_weights"] == str(tmp_path / "out") and config2.trained["steps"] == 1
+    assert any(not torch.equal(tensors[k], tensors2[k]) for k in tensors)
+    with pytest.raises(RagPersonaError, match="rank"):
+        train_xattn(dataclasses.replace(again, out=tmp_path / "out3", rank=8), log=lambda m: None)
 
 
 def test_memory_starts_after_the_system_turn_and_its_cache_is_reused(tok):

@@ -13,6 +13,7 @@ and its EOS is -100. `audit_example` checks the result for any tokenizer.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -295,6 +296,31 @@ def tokenize_rows(
 
 
 _FIELDS = {"sft": "prompt, completion", "dpo": "prompt, chosen, rejected"}
+
+
+def eos_contrast_pairs(
+    data: Tokenized, eos_id: int, share: float, seed: int, repeat_tokens: int = 8
+) -> Tokenized:
+    """DPO pairs that differ only where the answer ends: the chosen answer stopping at its EOS over the same
+    answer running on (EOS dropped, its first tokens said again) — the looping that DPO drifts into.
+
+    The two sides share every token up to the EOS position, so the preference gradient lands on the EOS
+    decision itself. The rejected side deliberately does not end in EOS; build these after the label audit.
+    """
+    if not 0 < share <= 1:
+        raise LabelError(f"eos_contrast: share {share} must be in (0, 1]")
+    order = list(range(len(data.examples)))
+    random.Random(seed).shuffle(order)
+    out = Tokenized(kind="dpo", examples=[], sources=[])
+    for i in sorted(order[: max(1, round(share * len(order)))]):
+        ex = data.examples[i]
+        answer = ex.chosen_ids[:-1] if ex.chosen_ids[-1:] == [eos_id] else None
+        if not answer:
+            raise LabelError(f"{data.sources[i]}: chosen answer does not end in EOS id {eos_id}")
+        rejected = answer + answer[: min(repeat_tokens, len(answer))]
+        out.examples.append(DPOExample(list(ex.prompt_ids), list(ex.chosen_ids), rejected))
+        out.sources.append(f"{data.sources[i]} (EOS contrast)")
+    return out
 
 
 # -- trl's own path, for comparison ---------------------------------------------------------------------

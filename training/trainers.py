@@ -34,6 +34,7 @@ from rag_persona.errors import RagPersonaError
 from .labels import (
     Tokenized,
     audit_tokenized,
+    eos_contrast_pairs,
     read_jsonl,
     require_clean,
     resolve_eos_id,
@@ -129,6 +130,9 @@ class Recipe:
     # chosen answer, which keeps the chosen answers (and their EOS) likely while preferences move.
     dpo_loss: list[str] = field(default_factory=lambda: ["sigmoid"])
     dpo_loss_weights: list[float] | None = None
+    # DPO: add this share of pairs again as EOS contrasts (training.labels.eos_contrast_pairs): the same
+    # chosen answer preferred, stopping at EOS, over itself running on without it.
+    eos_contrast: float = 0.0
     seed: int = 42
     quantization: str = "auto"
     gradient_checkpointing: bool | None = None  # default: on for QLoRA, off for CPU LoRA
@@ -153,6 +157,8 @@ class Recipe:
             raise RagPersonaError(f"{where}: field 'beta': must be positive")
         if isinstance(self.dpo_loss, str):
             self.dpo_loss = [self.dpo_loss]
+        if not 0 <= self.eos_contrast <= 1 or (self.eos_contrast and self.stage != "dpo"):
+            raise RagPersonaError(f"{where}: field 'eos_contrast': a share in [0, 1], for the dpo stage only")
         if self.dpo_loss_weights is not None and len(self.dpo_loss_weights) != len(self.dpo_loss):
             raise RagPersonaError(f"{where}: field 'dpo_loss_weights': needs one weight per dpo_loss entry")
         if self.lora.r <= 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
@@ -668,6 +674,15 @@ def train(
         f"{len(train_data.examples)} training examples ({len(train_data.dropped_too_long)} over "
         f"{recipe.max_length} tokens dropped); labels audited: all end in EOS id {eos_id}, no special-token text"
     )
+    n_contrast = 0
+    if recipe.eos_contrast:
+        contrast = eos_contrast_pairs(train_data, eos_id, recipe.eos_contrast, recipe.seed)
+        train_data.examples += contrast.examples
+        train_data.sources += contrast.sources
+        n_contrast = len(contrast.examples)
+        progress(
+            f"{len(contrast.examples)} EOS-contrast pairs added (chosen stops at EOS, rejected runs on without it)"
+        )
 
     peft_config = None
     lineage = None
@@ -705,6 +720,7 @@ def train(
                 "train_examples": len(train_data.examples),
                 "eval_examples": len(eval_data.examples) if eval_data else 0,
                 "label_audit": {"checked": len(audit), "failed": sum(not r.ok for r in audit)},
+                "eos_contrast_pairs": n_contrast,
                 "init_adapter": recipe.init_adapter,
                 "lineage": lineage,
             }

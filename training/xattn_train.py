@@ -48,6 +48,12 @@ class XattnTrainConfig:
     # Rows whose golden fact the retriever missed (not RAFT's deliberate drop_golden rows) get it added to
     # memory: otherwise their answers teach stating facts that were never given.
     add_missed_golden: bool = False
+    # Rows whose golden facts are in memory appear this many times per epoch: they are the rows whose
+    # answers can only be predicted by reading the memory (the rest mostly teach style, which the gates
+    # learn in a few steps anyway).
+    fact_focus: int = 1
+    # Continue from saved cross-attention weights (same layers, rank and memory kind).
+    init_weights: str | None = None
     lr: float = 1e-3
     gate_lr: float = 1e-2
     weight_decay: float = 0.0
@@ -254,11 +260,22 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
     loaded = load_causal_lm(config.model, progress=log)
     tok = loaded.tokenizer
     eos_id = _eos_id(tok, loaded.model)
-    xmodel = XattnModel(
-        loaded.model,
-        XattnConfig(layers=list(config.layers), rank=config.rank, alpha=config.alpha, memory=config.memory),
-        base_name=config.model or settings.chat_model,
+    wanted = XattnConfig(
+        layers=list(config.layers), rank=config.rank, alpha=config.alpha, memory=config.memory
     )
+    if config.init_weights:
+        xmodel = XattnModel.load(
+            loaded.model, config.init_weights, base_name=config.model or settings.chat_model
+        )
+        got = (xmodel.config.layers, xmodel.config.rank, xmodel.config.alpha, xmodel.config.memory)
+        if got != (wanted.layers, wanted.rank, wanted.alpha, wanted.memory):
+            raise RagPersonaError(
+                f"{config.init_weights}: weights have layers/rank/alpha/memory {got}, the recipe asks for "
+                f"{(wanted.layers, wanted.rank, wanted.alpha, wanted.memory)}"
+            )
+        log(f"continuing from {config.init_weights} (gates {xmodel.gates()})")
+    else:
+        xmodel = XattnModel(loaded.model, wanted, base_name=config.model or settings.chat_model)
     index_dir = config.index or (
         default_index_dir(config.persona) if is_index(default_index_dir(config.persona)) else None
     )
@@ -277,12 +294,21 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
         for ex in examples:
             ids, labels = encode_example(tok, ex.messages, ex.completion, eos_id, where=ex.id)
             if len(ids) <= config.max_seq_tokens:
-                rows.append((ids, labels, ex.fact_ids))
+                rows.append((ids, labels, ex.fact_ids, ex.id))
         if len(rows) < len(examples):
             log(f"skipped {len(examples) - len(rows)} examples longer than {config.max_seq_tokens} tokens")
         return rows
 
     train_rows, eval_rows = tokenize(train), tokenize(evals)
+    # Epoch order: indices into train_rows, the fact-carrying rows repeated fact_focus times.
+    epoch = list(range(len(train_rows)))
+    if config.fact_focus > 1:
+        golden_in_memory = {ex.id for ex in train if ex.golden_ids and set(ex.golden_ids) <= set(ex.fact_ids)}
+        focus = [i for i, row in enumerate(train_rows) if row[3] in golden_in_memory]
+        epoch += focus * (config.fact_focus - 1)
+        log(
+            f"fact focus: {len(focus)} rows with their golden facts in memory seen {config.fact_focus}x per epoch"
+        )
     # The system turn is the same in every example and the memory starts after it: compute it once.
     head = system_prefix_ids(tok, train[0].messages)
     with xmodel.using(None):
@@ -302,7 +328,7 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
         width = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (x, y, _) in enumerate(rows):
+        for i, (x, y, *_) in enumerate(rows):
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
         memory = xmodel.memory_for(
@@ -310,13 +336,18 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
         )
         return ids, labels, memory
 
-    def evaluate(use_memory: bool = True) -> float:
+    def evaluate(use_memory: bool = True, swapped: bool = False) -> float:
+        """Held-out completion loss; swapped=True gives each example the next example's facts instead,
+        so the gap to the real loss is what the memory's content (not just its presence) is worth."""
         if not eval_rows:
             return float("nan")
+        rows = eval_rows
+        if swapped:
+            rows = [(x, y, eval_rows[(i + 1) % len(eval_rows)][2]) for i, (x, y, *_) in enumerate(eval_rows)]
         total, count = 0.0, 0
         with torch.no_grad():
-            for at in range(0, len(eval_rows), config.batch_size):
-                ids, labels, memory = prepare(eval_rows[at : at + config.batch_size])
+            for at in range(0, len(rows), config.batch_size):
+                ids, labels, memory = prepare(rows[at : at + config.batch_size])
                 loss, n = completion_loss(xmodel, ids, labels, memory if use_memory else None, prefix)
                 total += float(loss) * n
                 count += n
@@ -341,7 +372,11 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
     started, cpu_started = time.perf_counter(), time.process_time()
     eval_base = evaluate(use_memory=False)
     record({"step": 0, "eval_loss": eval_base, "eval_loss_no_memory": eval_base})
-    log(f"step 0: held-out completion loss {eval_base:.4f} (= base model, gates at 0)")
+    log(f"step 0: held-out completion loss {eval_base:.4f} without memory (= the base model)")
+    if config.init_weights:
+        own, other = evaluate(), evaluate(swapped=True)
+        record({"step": 0, "eval_loss": own, "eval_loss_swapped_memory": other})
+        log(f"step 0: initial weights: held-out loss {own:.4f}, with another example's facts {other:.4f}")
     order: list[int] = []
     rng = random.Random(config.seed)
     step, seen, running, history = 0, 0, [], []
@@ -362,7 +397,7 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
                 picked = []
                 for _ in range(config.batch_size):
                     if not order:
-                        order = list(range(len(train_rows)))
+                        order = list(epoch)
                         rng.shuffle(order)
                     picked.append(train_rows[order.pop()])
                 ids, labels, memory = prepare(picked)
@@ -403,10 +438,15 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
             xmodel.load_state_dict(best[2])  # the held-out loss rose after this checkpoint
             final, chosen = best[0], best[1]
             log(f"keeping the step-{chosen} weights (held-out loss {final:.4f})")
+        swapped_loss = evaluate(swapped=True)
+        log(
+            f"held-out loss with another example's facts in memory: {swapped_loss:.4f} (own facts {final:.4f})"
+        )
         minutes = (time.perf_counter() - started) / 60
         summary = {
             "steps": step,
             "weights_from_step": chosen,
+            "init_weights": str(config.init_weights) if config.init_weights else None,
             "examples_seen": seen,
             "stopped_by": stopped,
             "minutes": round(minutes, 2),
@@ -417,6 +457,7 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
             "threads": torch.get_num_threads(),
             "eval_loss_no_memory": eval_base,
             "eval_loss": final,
+            "eval_loss_swapped_memory": swapped_loss,
             "eval_examples": len(eval_rows),
             "train_examples": len(train_rows),
             "eval_history": history,
