@@ -17,6 +17,7 @@ from training.labels import (
     build_dpo_example,
     build_sft_example,
     eos_contrast_pairs,
+    parrot_pairs,
     resolve_eos_id,
     tokenize_rows,
     trl_sft_labels,
@@ -253,3 +254,28 @@ def test_eos_contrast_pairs_differ_only_where_the_answer_ends(split_tok):
     broken.examples[0].chosen_ids = broken.examples[0].chosen_ids[:-1]
     with pytest.raises(LabelError, match="does not end in EOS"):
         eos_contrast_pairs(broken, eos, 1.0, seed=0)
+
+
+def test_parrot_pairs_reject_the_users_message_said_back(split_tok):
+    eos = split_tok.eos_token_id
+    rows = [
+        (
+            f"r{i}",
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": answer}],
+                "rejected": [{"role": "assistant", "content": "はい。"}],
+            },
+        )
+        for i, (prompt, answer) in enumerate(CHAT_ROWS)
+    ]
+    pairs = parrot_pairs(split_tok, rows, eos, 1.0, seed=0)
+    assert len(pairs.examples) == 2
+    for ex, (_, row) in zip(pairs.examples, rows, strict=True):
+        user = row["prompt"][-1]["content"]
+        assert split_tok.decode(ex.rejected_ids[:-1]) == user and ex.rejected_ids[-1] == eos
+        assert split_tok.decode(ex.chosen_ids[:-1]) == row["chosen"][0]["content"]
+    assert len(parrot_pairs(split_tok, rows, eos, 1.0, seed=0, max_length=5).examples) == 0
+    no_user = [("bad", {**rows[0][1], "prompt": [SYSTEM]})]
+    with pytest.raises(LabelError, match="no user message"):
+        parrot_pairs(split_tok, no_user, eos, 1.0, seed=0)

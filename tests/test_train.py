@@ -144,10 +144,18 @@ def test_one_dpo_step_after_sft_changes_only_lora_weights(setup, sft_run):
 
 
 def test_dpo_from_scratch_uses_a_fresh_lora_and_rpo_loss(setup):
-    recipe = _recipe(setup, "dpo", dpo_loss=["sigmoid", "sft"], dpo_loss_weights=[1.0, 1.0], eos_contrast=0.5)
+    recipe = _recipe(
+        setup,
+        "dpo",
+        dpo_loss=["sigmoid", "sft"],
+        dpo_loss_weights=[1.0, 1.0],
+        eos_contrast=0.5,
+        parrot_contrast=0.5,
+    )
     run = train(recipe, setup.root / "dpo-fresh", progress=lambda m: None, keep_model=True, cuda=False)
     _assert_base_untouched(setup, run["model"])
-    assert run["eos_contrast_pairs"] == 2 and run["label_audit"] == {"checked": 8, "failed": 0}
+    assert run["eos_contrast_pairs"] == 2 and run["parrot_contrast_pairs"] == 2
+    assert run["label_audit"] == {"checked": 8, "failed": 0}
     assert run["train_loss"] > 0.6931  # the NLL term is added to the DPO loss (log 2 at the first step)
 
 

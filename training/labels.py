@@ -298,6 +298,36 @@ def tokenize_rows(
 _FIELDS = {"sft": "prompt, completion", "dpo": "prompt, chosen, rejected"}
 
 
+def parrot_pairs(
+    tokenizer,
+    rows: Sequence[tuple[str, dict]],
+    eos_id: int,
+    share: float,
+    seed: int,
+    *,
+    max_length: int | None = None,
+) -> Tokenized:
+    """DPO pairs against parroting: the chosen answer over the user's own last message said back as the
+    reply — how small models answer chit-chat they have no reply for, and the way into a loop."""
+    if not 0 < share <= 1:
+        raise LabelError(f"parrot_contrast: share {share} must be in (0, 1]")
+    order = list(range(len(rows)))
+    random.Random(seed + 1).shuffle(order)
+    out = Tokenized(kind="dpo", examples=[], sources=[])
+    for i in sorted(order[: max(1, round(share * len(rows)))]):
+        where, row = rows[i]
+        users = [m for m in row["prompt"] if isinstance(m, dict) and m.get("role") == "user"]
+        if not users or not str(users[-1].get("content", "")).strip():
+            raise LabelError(f"{where}: field 'prompt': no user message to contrast against")
+        echo = [{"role": "assistant", "content": users[-1]["content"]}]
+        ex = build_dpo_example(tokenizer, row["prompt"], row["chosen"], echo, eos_id, where=where)
+        if max_length is not None and len(ex) > max_length:
+            continue
+        out.examples.append(ex)
+        out.sources.append(f"{where} (parrot contrast)")
+    return out
+
+
 def eos_contrast_pairs(
     data: Tokenized, eos_id: int, share: float, seed: int, repeat_tokens: int = 8
 ) -> Tokenized:

@@ -35,6 +35,7 @@ from .labels import (
     Tokenized,
     audit_tokenized,
     eos_contrast_pairs,
+    parrot_pairs,
     read_jsonl,
     require_clean,
     resolve_eos_id,
@@ -133,6 +134,8 @@ class Recipe:
     # DPO: add this share of pairs again as EOS contrasts (training.labels.eos_contrast_pairs): the same
     # chosen answer preferred, stopping at EOS, over itself running on without it.
     eos_contrast: float = 0.0
+    # DPO: add this share of pairs again with the user's own message, echoed, as the rejected reply.
+    parrot_contrast: float = 0.0
     seed: int = 42
     quantization: str = "auto"
     gradient_checkpointing: bool | None = None  # default: on for QLoRA, off for CPU LoRA
@@ -157,8 +160,10 @@ class Recipe:
             raise RagPersonaError(f"{where}: field 'beta': must be positive")
         if isinstance(self.dpo_loss, str):
             self.dpo_loss = [self.dpo_loss]
-        if not 0 <= self.eos_contrast <= 1 or (self.eos_contrast and self.stage != "dpo"):
-            raise RagPersonaError(f"{where}: field 'eos_contrast': a share in [0, 1], for the dpo stage only")
+        for name in ("eos_contrast", "parrot_contrast"):
+            share = getattr(self, name)
+            if not 0 <= share <= 1 or (share and self.stage != "dpo"):
+                raise RagPersonaError(f"{where}: field '{name}': a share in [0, 1], for the dpo stage only")
         if self.dpo_loss_weights is not None and len(self.dpo_loss_weights) != len(self.dpo_loss):
             raise RagPersonaError(f"{where}: field 'dpo_loss_weights': needs one weight per dpo_loss entry")
         if self.lora.r <= 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
@@ -681,8 +686,18 @@ def train(
         train_data.sources += contrast.sources
         n_contrast = len(contrast.examples)
         progress(
-            f"{len(contrast.examples)} EOS-contrast pairs added (chosen stops at EOS, rejected runs on without it)"
+            f"{n_contrast} EOS-contrast pairs added (chosen stops at EOS, rejected runs on without it)"
         )
+    n_parrot = 0
+    if recipe.parrot_contrast:
+        parrot = parrot_pairs(
+            tokenizer, used_rows, eos_id, recipe.parrot_contrast, recipe.seed, max_length=recipe.max_length
+        )
+        require_clean(audit_tokenized(tokenizer, parrot, eos_ids), "parrot-contrast")
+        train_data.examples += parrot.examples
+        train_data.sources += parrot.sources
+        n_parrot = len(parrot.examples)
+        progress(f"{n_parrot} parrot-contrast pairs added (rejected: the user's message said back)")
 
     peft_config = None
     lineage = None
@@ -721,6 +736,7 @@ def train(
                 "eval_examples": len(eval_data.examples) if eval_data else 0,
                 "label_audit": {"checked": len(audit), "failed": sum(not r.ok for r in audit)},
                 "eos_contrast_pairs": n_contrast,
+                "parrot_contrast_pairs": n_parrot,
                 "init_adapter": recipe.init_adapter,
                 "lineage": lineage,
             }
