@@ -144,7 +144,11 @@ def combined_top1(queries, rankings, judged, weight: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--llm-split", default="dev", help="split the LLM judge runs on (dev, test or both)")
+    ap.add_argument(
+        "--llm-split",
+        default="dev",
+        help="split the LLM judge runs on: dev, test or both (weight tuned on dev, applied to test)",
+    )
     ap.add_argument("--candidates", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-llm", action="store_true")
@@ -188,18 +192,23 @@ def main() -> None:
     llm_rows = []
     if not args.skip_llm:
         splits = ["dev", "test"] if args.llm_split == "both" else [args.llm_split]
+        weights = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0]
+        chosen = None  # the weight is picked on the first split (dev) and reused on the next (test)
         for s in splits:
             judged, spq = llm_judge(q[s], r["hybrid"][s], texts, args.candidates, args.threads)
             alone = combined_top1(q[s], r["hybrid"][s], judged, 1e6)
-            weights = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0]
-            best = max(weights, key=lambda w: combined_top1(q[s], r["hybrid"][s], judged, w))
+            if chosen is None:
+                chosen = max(weights, key=lambda w: combined_top1(q[s], r["hybrid"][s], judged, w))
+                how = f"w={chosen}, tuned here"
+            else:
+                how = f"w={chosen}, from {splits[0]}"
             llm_rows.append(
                 {
                     "split": s,
                     "retrieval": rank_top1(q[s], r["hybrid"][s]),
                     "llm_alone": alone,
-                    "best_weight": best,
-                    "combined": combined_top1(q[s], r["hybrid"][s], judged, best),
+                    "weight": how,
+                    "combined": combined_top1(q[s], r["hybrid"][s], judged, chosen),
                     "seconds_per_query": spq,
                 }
             )
@@ -232,10 +241,10 @@ def main() -> None:
             "",
             "## The chat model as a zero-shot relevance judge over the hybrid top candidates (ranking top-1)",
             "",
-            "| split | hybrid ranking | LLM judge alone | retrieval logit + w·judge (best w) | s/query |",
+            "| split | hybrid ranking | LLM judge alone | retrieval logit + w·judge | s/query |",
             "|---|---:|---:|---:|---:|",
             *[
-                f"| {x['split']} | {f(x['retrieval'])} | {f(x['llm_alone'])} | {f(x['combined'])} (w={x['best_weight']}) | "
+                f"| {x['split']} | {f(x['retrieval'])} | {f(x['llm_alone'])} | {f(x['combined'])} ({x['weight']}) | "
                 f"{x['seconds_per_query']:.2f} |"
                 for x in llm_rows
             ],
