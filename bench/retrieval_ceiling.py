@@ -30,7 +30,7 @@ from rag_persona.knowledge import load_knowledge, load_queries
 from rag_persona.retrieve import RetrievalConfig, Retriever
 from rag_persona.settings import KNOWLEDGE_ROOT, REPO_ROOT
 from rag_persona.store import build_store
-from rag_persona.tuning import metrics_from_hits
+from rag_persona.tuning import apply_threshold, metrics_from_hits
 
 OJOUSAMA = KNOWLEDGE_ROOT / "ojousama"
 JUDGE_PROMPT = (
@@ -46,14 +46,10 @@ def rank_top1(queries, rankings) -> float:
 
 def cut(rankings, threshold: float, k: int = 3, gap: float | None = None) -> list[list[str]]:
     """Hits per query: the top one if it clears the threshold; others also within `gap` of the top score."""
-    out = []
-    for r in rankings:
-        if not r or r[0][1] < threshold:
-            out.append([])
-            continue
-        top = r[0][1]
-        out.append([r[0][0]] + [f for f, s in r[1:k] if s >= threshold and (gap is None or s >= top - gap)])
-    return out
+    hits = apply_threshold(rankings, threshold, k)  # the shipped rule; hits are a prefix of the ranking
+    if gap is None:
+        return hits
+    return [[f for f, s in r[: len(h)] if s >= r[0][1] - gap] for h, r in zip(hits, rankings, strict=True)]
 
 
 def best_on_dev(dev_q, dev_r, grid):

@@ -215,7 +215,7 @@ def ablation(env, specs: list[str], data: Path, max_eval: int) -> list[dict]:
 
     from rag_persona.xattn import PrefixCache, XattnModel, system_prefix_ids
     from rag_persona.xattn_memory import load_or_build_encodings
-    from training.xattn_train import _eos_id, completion_loss, encode_example, load_examples
+    from training.xattn_train import _eos_id, completion_loss, encode_example, load_examples, other_facts
 
     rows_out = []
     examples = load_examples(data / "sft_d1_eval.jsonl", env.persona, env.facts)
@@ -240,7 +240,7 @@ def ablation(env, specs: list[str], data: Path, max_eval: int) -> list[dict]:
             total = count = 0.0
             with torch.no_grad():
                 for k, ((ids, labels), ex) in enumerate(zip(encoded, examples, strict=True)):
-                    fids = ex.fact_ids if which == "own" else _other_facts(examples, k)
+                    fids = ex.fact_ids if which == "own" else other_facts(examples, k)
                     memory = x.memory_for([[encs.by_id[f] for f in fids]], start=len(head)) if path else None
                     loss, n = completion_loss(x, torch.tensor([ids]), torch.tensor([labels]), memory, prefix)
                     total += float(loss) * n
@@ -267,16 +267,6 @@ def ablation(env, specs: list[str], data: Path, max_eval: int) -> list[dict]:
         _log(f"ablation {name}: held-out loss {rows_out[-1]['heldout_loss']}")
         x.remove_hooks()
     return rows_out
-
-
-def _other_facts(examples, k: int) -> list[str]:
-    """The facts of the next example whose facts share nothing with example k's."""
-    own = set(examples[k].golden_ids) | set(examples[k].fact_ids)
-    for step in range(1, len(examples)):
-        cand = examples[(k + step) % len(examples)].fact_ids
-        if cand and not set(cand) & own:
-            return list(cand)
-    return []
 
 
 # -- setup and report ---------------------------------------------------------------------------------------------

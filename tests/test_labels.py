@@ -226,9 +226,8 @@ def test_qwen_trl_chat_path_ends_on_newline_ours_on_im_end(qwen_tok):
     assert qwen_tok.decode(trained(ours.labels)[:-1]) == answer
 
 
-def test_eos_contrast_pairs_differ_only_where_the_answer_ends(split_tok):
-    eos = split_tok.eos_token_id
-    rows = [
+def _dpo_rows(chat_rows) -> list[tuple[str, dict]]:
+    return [
         (
             f"r{i}",
             {
@@ -237,8 +236,13 @@ def test_eos_contrast_pairs_differ_only_where_the_answer_ends(split_tok):
                 "rejected": [{"role": "assistant", "content": "はい。"}],
             },
         )
-        for i, (prompt, answer) in enumerate(CHAT_ROWS * 2)
+        for i, (prompt, answer) in enumerate(chat_rows)
     ]
+
+
+def test_eos_contrast_pairs_differ_only_where_the_answer_ends(split_tok):
+    eos = split_tok.eos_token_id
+    rows = _dpo_rows(CHAT_ROWS * 2)
     data = tokenize_rows(split_tok, rows, eos, kind="dpo")
     pairs = eos_contrast_pairs(data, eos, 0.5, seed=0, repeat_tokens=3)
     assert len(pairs.examples) == 2 and all(s.endswith("(EOS contrast)") for s in pairs.sources)
@@ -258,17 +262,7 @@ def test_eos_contrast_pairs_differ_only_where_the_answer_ends(split_tok):
 
 def test_parrot_pairs_reject_the_users_message_said_back(split_tok):
     eos = split_tok.eos_token_id
-    rows = [
-        (
-            f"r{i}",
-            {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": answer}],
-                "rejected": [{"role": "assistant", "content": "はい。"}],
-            },
-        )
-        for i, (prompt, answer) in enumerate(CHAT_ROWS)
-    ]
+    rows = _dpo_rows(CHAT_ROWS)
     pairs = parrot_pairs(split_tok, rows, eos, 1.0, seed=0)
     assert len(pairs.examples) == 2
     for ex, (_, row) in zip(pairs.examples, rows, strict=True):

@@ -298,6 +298,15 @@ def tokenize_rows(
 _FIELDS = {"sft": "prompt, completion", "dpo": "prompt, chosen, rejected"}
 
 
+def _pick_share(n: int, share: float, seed: int, what: str) -> list[int]:
+    """A seeded random share (at least one) of n row indices, in their original order."""
+    if not 0 < share <= 1:
+        raise LabelError(f"{what}: share {share} must be in (0, 1]")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[: max(1, round(share * n))])
+
+
 def parrot_pairs(
     tokenizer,
     rows: Sequence[tuple[str, dict]],
@@ -309,12 +318,8 @@ def parrot_pairs(
 ) -> Tokenized:
     """DPO pairs against parroting: the chosen answer over the user's own last message said back as the
     reply — how small models answer chit-chat they have no reply for, and the way into a loop."""
-    if not 0 < share <= 1:
-        raise LabelError(f"parrot_contrast: share {share} must be in (0, 1]")
-    order = list(range(len(rows)))
-    random.Random(seed + 1).shuffle(order)
     out = Tokenized(kind="dpo", examples=[], sources=[])
-    for i in sorted(order[: max(1, round(share * len(rows)))]):
+    for i in _pick_share(len(rows), share, seed + 1, "parrot_contrast"):
         where, row = rows[i]
         users = [m for m in row["prompt"] if isinstance(m, dict) and m.get("role") == "user"]
         if not users or not str(users[-1].get("content", "")).strip():
@@ -337,12 +342,8 @@ def eos_contrast_pairs(
     The two sides share every token up to the EOS position, so the preference gradient lands on the EOS
     decision itself. The rejected side deliberately does not end in EOS; build these after the label audit.
     """
-    if not 0 < share <= 1:
-        raise LabelError(f"eos_contrast: share {share} must be in (0, 1]")
-    order = list(range(len(data.examples)))
-    random.Random(seed).shuffle(order)
     out = Tokenized(kind="dpo", examples=[], sources=[])
-    for i in sorted(order[: max(1, round(share * len(order)))]):
+    for i in _pick_share(len(data.examples), share, seed, "eos_contrast"):
         ex = data.examples[i]
         answer = ex.chosen_ids[:-1] if ex.chosen_ids[-1:] == [eos_id] else None
         if not answer:

@@ -679,25 +679,20 @@ def train(
         f"{len(train_data.examples)} training examples ({len(train_data.dropped_too_long)} over "
         f"{recipe.max_length} tokens dropped); labels audited: all end in EOS id {eos_id}, no special-token text"
     )
-    n_contrast = 0
-    if recipe.eos_contrast:
-        contrast = eos_contrast_pairs(train_data, eos_id, recipe.eos_contrast, recipe.seed)
-        train_data.examples += contrast.examples
-        train_data.sources += contrast.sources
-        n_contrast = len(contrast.examples)
-        progress(
-            f"{n_contrast} EOS-contrast pairs added (chosen stops at EOS, rejected runs on without it)"
-        )
-    n_parrot = 0
+    # Both sets come from the audited pairs only (built before either is appended).
+    contrasts: dict[str, Tokenized] = {}
+    if recipe.eos_contrast:  # the rejected side deliberately lacks EOS: not audited
+        contrasts["eos_contrast"] = eos_contrast_pairs(train_data, eos_id, recipe.eos_contrast, recipe.seed)
     if recipe.parrot_contrast:
         parrot = parrot_pairs(
             tokenizer, used_rows, eos_id, recipe.parrot_contrast, recipe.seed, max_length=recipe.max_length
         )
         require_clean(audit_tokenized(tokenizer, parrot, eos_ids), "parrot-contrast")
-        train_data.examples += parrot.examples
-        train_data.sources += parrot.sources
-        n_parrot = len(parrot.examples)
-        progress(f"{n_parrot} parrot-contrast pairs added (rejected: the user's message said back)")
+        contrasts["parrot_contrast"] = parrot
+    for name, extra in contrasts.items():
+        train_data.examples += extra.examples
+        train_data.sources += extra.sources
+        progress(f"{len(extra.examples)} {name} pairs added ({_CONTRASTS[name]})")
 
     peft_config = None
     lineage = None
@@ -735,8 +730,10 @@ def train(
                 "train_examples": len(train_data.examples),
                 "eval_examples": len(eval_data.examples) if eval_data else 0,
                 "label_audit": {"checked": len(audit), "failed": sum(not r.ok for r in audit)},
-                "eos_contrast_pairs": n_contrast,
-                "parrot_contrast_pairs": n_parrot,
+                **{
+                    f"{name}_pairs": len(contrasts[name].examples) if name in contrasts else 0
+                    for name in _CONTRASTS
+                },
                 "init_adapter": recipe.init_adapter,
                 "lineage": lineage,
             }
@@ -835,6 +832,12 @@ def finish_run(
     (work / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     _write_atomic(work, out)
+
+
+_CONTRASTS = {
+    "eos_contrast": "chosen stops at EOS, rejected runs on without it",
+    "parrot_contrast": "rejected: the user's message said back",
+}
 
 
 def read_recipe_data(recipe: Recipe) -> tuple[Path, Path | None, list, list | None]:

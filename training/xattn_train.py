@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,6 +159,16 @@ def load_examples(
     return out
 
 
+def other_facts(examples: Sequence[XattnExample], k: int) -> list[str]:
+    """The facts of the next example whose facts share nothing with example k's (golden ones included)."""
+    own = set(examples[k].golden_ids) | set(examples[k].fact_ids)
+    for step in range(1, len(examples)):
+        cand = examples[(k + step) % len(examples)].fact_ids
+        if cand and not set(cand) & own:
+            return list(cand)
+    return []
+
+
 def encode_example(
     tokenizer, messages: list[dict], completion: str, eos_id: int, where: str = "row"
 ) -> tuple[list[int], list[int]]:
@@ -294,7 +304,7 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
         for ex in examples:
             ids, labels = encode_example(tok, ex.messages, ex.completion, eos_id, where=ex.id)
             if len(ids) <= config.max_seq_tokens:
-                rows.append((ids, labels, ex.fact_ids, ex.id))
+                rows.append((ids, labels, ex.fact_ids, ex))
         if len(rows) < len(examples):
             log(f"skipped {len(examples) - len(rows)} examples longer than {config.max_seq_tokens} tokens")
         return rows
@@ -303,8 +313,11 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
     # Epoch order: indices into train_rows, the fact-carrying rows repeated fact_focus times.
     epoch = list(range(len(train_rows)))
     if config.fact_focus > 1:
-        golden_in_memory = {ex.id for ex in train if ex.golden_ids and set(ex.golden_ids) <= set(ex.fact_ids)}
-        focus = [i for i, row in enumerate(train_rows) if row[3] in golden_in_memory]
+        focus = [
+            i
+            for i, row in enumerate(train_rows)
+            if row[3].golden_ids and set(row[3].golden_ids) <= set(row[2])
+        ]
         epoch += focus * (config.fact_focus - 1)
         log(
             f"fact focus: {len(focus)} rows with their golden facts in memory seen {config.fact_focus}x per epoch"
@@ -337,13 +350,14 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
         return ids, labels, memory
 
     def evaluate(use_memory: bool = True, swapped: bool = False) -> float:
-        """Held-out completion loss; swapped=True gives each example the next example's facts instead,
-        so the gap to the real loss is what the memory's content (not just its presence) is worth."""
+        """Held-out completion loss; swapped=True gives each example another example's facts instead
+        (`other_facts`), so the gap to the real loss is what the memory's content is worth."""
         if not eval_rows:
             return float("nan")
         rows = eval_rows
         if swapped:
-            rows = [(x, y, eval_rows[(i + 1) % len(eval_rows)][2]) for i, (x, y, *_) in enumerate(eval_rows)]
+            examples = [r[3] for r in eval_rows]
+            rows = [(x, y, other_facts(examples, i)) for i, (x, y, *_) in enumerate(eval_rows)]
         total, count = 0.0, 0
         with torch.no_grad():
             for at in range(0, len(rows), config.batch_size):
