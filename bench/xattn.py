@@ -30,6 +30,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +71,9 @@ class FixedLength:
         return {**self.inner.to_generate_kwargs(), "logits_processor": LogitsProcessorList([NoEosBefore()])}
 
 
+MODES = ("no context", "prompt", "xattn")
+
+
 def context_for(golden: list[str], facts: dict[str, str], rng: random.Random, distractors: int):
     from rag_persona.prompts import ContextFact
 
@@ -79,7 +83,7 @@ def context_for(golden: list[str], facts: dict[str, str], rng: random.Random, di
 
 
 # -- 1. fact accuracy ---------------------------------------------------------------------------------------
-def fact_accuracy(env, queries, distractors: int, max_new_tokens: int) -> dict:
+def fact_accuracy(env, queries, distractors: int, max_new_tokens: int, modes: Sequence[str] = MODES) -> dict:
     from rag_persona.evaluate import persona_words
     from rag_persona.generation import GenerationSettings, ReplyStream
     from rag_persona.persona_metrics import PromptResult, judge, summarize
@@ -89,7 +93,7 @@ def fact_accuracy(env, queries, distractors: int, max_new_tokens: int) -> dict:
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     rng = random.Random(0)
     words = persona_words(env.persona)
-    results = {"no context": [], "prompt": [], "xattn": []}
+    results = {m: [] for m in modes}
     started = time.perf_counter()
     for n, q in enumerate(queries, 1):
         ctx = context_for(q.relevant, env.facts, rng, distractors)
@@ -386,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(ROOT / "runs" / "data"), help="build-data folder (ablation)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument(
+        "--modes", default=",".join(MODES), help=f"fact-accuracy modes, comma-separated ({', '.join(MODES)})"
+    )
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument(
         "--out", default=str(ROOT / "bench" / "results" / "xattn"), help="writes OUT.md and OUT.json"
@@ -436,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.queries) if args.queries else get_settings().persona_dir() / "queries" / "test.jsonl"
         queries = [q for q in load_queries(path, env.facts) if q.relevant][: args.limit]
         report["setup"]["queries"] = str(path)
-        report["fact_accuracy"] = fact_accuracy(env, queries, args.distractors, args.max_new_tokens)
+        modes = [m.strip() for m in args.modes.split(",")]
+        if unknown := [m for m in modes if m not in MODES]:
+            ap.error(f"--modes: unknown mode {unknown[0]!r}")
+        report["fact_accuracy"] = fact_accuracy(env, queries, args.distractors, args.max_new_tokens, modes)
         save()
     if not args.skip_latency:
         sizes = [int(s) for s in args.sizes.split(",")]

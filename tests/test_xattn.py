@@ -348,6 +348,39 @@ def test_training_rows_move_the_context_into_memory():
         strip_context(row, persona, facts, "row")
 
 
+def test_copy_rows_say_the_fact_back_with_it_in_memory():
+    import random
+
+    from rag_persona.chat import default_persona
+    from rag_persona.knowledge import Fact
+    from rag_persona.prompts import build_messages
+    from training.xattn_train import copy_answer, copy_examples
+
+    # Third person becomes わたくし; the ending follows the last word's part of speech.
+    assert copy_answer("絢音の年齢は17歳。") == "わたくしの年齢は17歳ですわ。"
+    assert copy_answer("ピアノを5歳から習っている。") == "ピアノを5歳から習っているのですわ。"
+    assert copy_answer("好きな本は原書で読んだ。") == "好きな本は原書で読んだのですわ。"
+    assert copy_answer("一番好きなのは春だ。") == "一番好きなのは春なのですわ。"
+    assert copy_answer("ひかりは占いが大好き。") == "ひかりは占いが大好きですわ。"
+
+    persona = default_persona()
+    facts = [
+        Fact("a", "好きな花はすずらん。", ["好きな花は？"]),
+        Fact("b", "愛馬はブランシュ。", ["馬の名前は？", "愛馬は？"]),
+        Fact("c", "身長は158センチ。"),  # no question: never asked, only a distractor
+    ]
+    rows = copy_examples(facts, persona, 4, 1, random.Random(0))
+    assert [r.golden_ids for r in rows] == [["a"], ["b"], ["a"], ["b"]]
+    for r in rows:
+        fact = next(f for f in facts if f.id == r.golden_ids[0])
+        assert r.messages == build_messages(
+            persona, [], [], r.messages[-1]["content"], include_context=False
+        )
+        assert r.messages[-1]["content"] in fact.questions
+        assert fact.text.rstrip("。") in r.completion and r.completion.endswith("ですわ。")
+        assert len(r.fact_ids) == 2 and fact.id in r.fact_ids
+
+
 def test_train_xattn_tiny_run_saves_only_cross_attention(tiny_model_dir, tmp_path):
     import json
 
@@ -392,13 +425,15 @@ def test_train_xattn_tiny_run_saves_only_cross_attention(tiny_model_dir, tmp_pat
     assert (tmp_path / "index" / "xattn").is_dir()  # fact encodings cached in the index folder
     assert summary["eval_loss_swapped_memory"] > 0
 
-    # Continue those weights, fact-carrying rows (2 of 3) seen 3x per epoch: 2 + 2*2 = 6 slots.
+    # Continue those weights with copy rows, fact-carrying rows seen 3x per epoch.
     logs: list[str] = []
     again = dataclasses.replace(
         cfg, out=tmp_path / "out2", init_weights=str(tmp_path / "out"), fact_focus=3, max_steps=1
     )
-    summary = train_xattn(again, log=logs.append)
-    assert any("fact focus: 2 rows" in m for m in logs)
+    summary = train_xattn(dataclasses.replace(again, copy_rows=2, copy_distractors=1), log=logs.append)
+    # 2 copy rows join the 3 data rows; with the 2 fact-carrying data rows, 4 rows get 3x.
+    assert any("copy task: 2 rows" in m for m in logs) and summary["train_examples"] == 5
+    assert any("fact focus: 4 rows" in m for m in logs)
     assert any("initial weights: held-out loss" in m for m in logs)
     config2, tensors2 = read_weights(tmp_path / "out2")
     assert config2.trained["init_weights"] == str(tmp_path / "out") and config2.trained["steps"] == 1

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,12 @@ class XattnTrainConfig:
     # answers can only be predicted by reading the memory (the rest mostly teach style, which the gates
     # learn in a few steps anyway).
     fact_focus: int = 1
+    # Auxiliary rows per epoch that teach reading the memory outright: a fact's own question, that fact
+    # among `copy_distractors` others in memory, and the fact said back verbatim in the persona's
+    # register (`copy_answer`). The SFT answers paraphrase their facts, so they reward the topic more than
+    # the names and numbers; these rows reward copying them.
+    copy_rows: int = 0
+    copy_distractors: int = 2
     # Continue from saved cross-attention weights (same layers, rank and memory kind).
     init_weights: str | None = None
     lr: float = 1e-3
@@ -169,6 +176,48 @@ def other_facts(examples: Sequence[XattnExample], k: int) -> list[str]:
     return []
 
 
+_SELF_NAME = re.compile(r"(?:小野寺)?絢音(?=[のはにがをと])")
+
+
+def copy_answer(fact_text: str) -> str:
+    """A fact said back verbatim as one お嬢様 sentence: third person → わたくし, then a polite ending.
+
+    The ending follows the part of speech of the last word (Sudachi): a verb, adjective or auxiliary
+    takes 「のですわ。」, the copula 「だ」 becomes 「なのですわ。」, a noun or na-adjective 「ですわ。」.
+    """
+    from sudachipy import dictionary
+
+    text = _SELF_NAME.sub("わたくし", fact_text.strip().rstrip("。．."))
+    words = dictionary.Dictionary(dict="core").tokenizer().tokenize(text)
+    last = words[-1] if len(words) else None
+    pos = last.part_of_speech()[0] if last is not None else ""
+    before = words[-2].part_of_speech()[0] if len(words) > 1 else ""
+    if pos == "助動詞" and last.surface() == "だ" and before in ("名詞", "形状詞"):
+        return text[:-1] + "なのですわ。"
+    if pos in ("動詞", "形容詞", "助動詞"):
+        return text + "のですわ。"
+    return text + "ですわ。"
+
+
+def copy_examples(
+    kb_facts: Sequence, persona: Persona, count: int, distractors: int, rng: random.Random
+) -> list[XattnExample]:
+    """`count` copy rows cycling over the facts that have questions (see XattnTrainConfig.copy_rows)."""
+    askable = [f for f in kb_facts if f.questions]
+    ids = [f.id for f in kb_facts]
+    out = []
+    for n in range(count if askable else 0):
+        fact = askable[n % len(askable)]
+        question = rng.choice(fact.questions)
+        memory = [fact.id] + rng.sample([i for i in ids if i != fact.id], min(distractors, len(ids) - 1))
+        rng.shuffle(memory)
+        messages = build_messages(persona, [], [], question, include_context=False)
+        out.append(
+            XattnExample(f"copy-{n}-{fact.id}", messages, copy_answer(fact.text), memory, [fact.id], "copy")
+        )
+    return out
+
+
 def encode_example(
     tokenizer, messages: list[dict], completion: str, eos_id: int, where: str = "row"
 ) -> tuple[list[int], list[int]]:
@@ -261,6 +310,14 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
     facts = {f.id: f.text for f in kb.facts}
     data = Path(config.data)
     train = load_examples(data / config.train_file, persona, facts, config.add_missed_golden)
+    if config.copy_rows:
+        copies = copy_examples(
+            kb.facts, persona, config.copy_rows, config.copy_distractors, random.Random(config.seed)
+        )
+        log(
+            f"copy task: {len(copies)} rows (a fact's own question, the fact said back), e.g. {copies[0].completion!r}"
+        )
+        train += copies
     evals = (
         load_examples(data / config.eval_file, persona, facts) if (data / config.eval_file).is_file() else []
     )
