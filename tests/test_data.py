@@ -181,3 +181,26 @@ def test_teacher_paraphrases_are_marked_generated_and_train_only(index_dir, tmp_
     assert not [r for r in _rows(out / "sft_d1_eval.jsonl") if r["generated"]]
     plain = _rows(out / "sft_d1_train.jsonl")
     assert sum(not r["generated"] for r in plain) == len(plain) - 5
+
+
+def test_fact_questions_add_train_only_turns_answered_by_the_fact(index_dir, built, tmp_path):
+    from rag_persona.knowledge import load_knowledge
+
+    out = tmp_path / "fq"
+    manifest = build_datasets(DataConfig(out=out, index=index_dir, seed=7, fact_questions=True))
+    kb = load_knowledge(PERSONA_DIR)
+    held_out = {normalise(q.query) for q in load_queries(PERSONA_DIR / "queries" / "test.jsonl")}
+    expected = sum(1 for f in kb.facts for q in f.questions if normalise(q) not in held_out)
+    assert manifest["fact_question_conversations"] == expected > 100
+    rows = [r for r in _rows(out / "dpo_d1_train.jsonl") if r["kind"] == "fact-question"]
+    assert len(rows) == expected
+    name = next(r for r in rows if r["golden_ids"] == ["profile-name"])
+    assert name["prompt"][-1]["content"] in kb.by_id()["profile-name"].questions
+    assert name["chosen"][0]["content"] == "名前は小野寺絢音（おのでら あやね）ですわ。"
+    assert name["rejected"][0]["content"] == "名前は小野寺絢音（おのでら あやね）です。"
+    # The dialogue rows and the held-out split are exactly those of the build without the option.
+    base_dir, _ = built
+    for f in ("sft_d1_eval.jsonl", "eval_prompts.jsonl"):
+        assert (out / f).read_bytes() == (base_dir / f).read_bytes()
+    dialogue = [r for r in _rows(out / "sft_d1_train.jsonl") if r["kind"] != "fact-question"]
+    assert dialogue == _rows(base_dir / "sft_d1_train.jsonl")

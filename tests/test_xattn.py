@@ -354,14 +354,7 @@ def test_copy_rows_say_the_fact_back_with_it_in_memory():
     from rag_persona.chat import default_persona
     from rag_persona.knowledge import Fact
     from rag_persona.prompts import build_messages
-    from training.xattn_train import copy_answer, copy_examples
-
-    # Third person becomes わたくし; the ending follows the last word's part of speech.
-    assert copy_answer("絢音の年齢は17歳。") == "わたくしの年齢は17歳ですわ。"
-    assert copy_answer("ピアノを5歳から習っている。") == "ピアノを5歳から習っているのですわ。"
-    assert copy_answer("好きな本は原書で読んだ。") == "好きな本は原書で読んだのですわ。"
-    assert copy_answer("一番好きなのは春だ。") == "一番好きなのは春なのですわ。"
-    assert copy_answer("ひかりは占いが大好き。") == "ひかりは占いが大好きですわ。"
+    from training.xattn_train import copy_examples
 
     persona = default_persona()
     facts = [
@@ -373,9 +366,7 @@ def test_copy_rows_say_the_fact_back_with_it_in_memory():
     assert [r.golden_ids for r in rows] == [["a"], ["b"], ["a"], ["b"]]
     for r in rows:
         fact = next(f for f in facts if f.id == r.golden_ids[0])
-        assert r.messages == build_messages(
-            persona, [], [], r.messages[-1]["content"], include_context=False
-        )
+        assert r.messages == build_messages(persona, [], [], r.messages[-1]["content"], include_context=False)
         assert r.messages[-1]["content"] in fact.questions
         assert fact.text.rstrip("。") in r.completion and r.completion.endswith("ですわ。")
         assert len(r.fact_ids) == 2 and fact.id in r.fact_ids

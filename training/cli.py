@@ -35,6 +35,13 @@ def register(app: typer.Typer) -> None:
         teacher: Annotated[
             str | None, typer.Option(help="Teacher chat model for augmentation (default: bundled).")
         ] = None,
+        fact_questions: Annotated[
+            bool,
+            typer.Option(
+                "--fact-questions",
+                help="Add train-only turns from the facts' own questions, answered with the fact itself.",
+            ),
+        ] = False,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """Regenerate SFT and DPO data (D0 plain, D1 お嬢様, D2 both) from the knowledge base."""
@@ -51,6 +58,7 @@ def register(app: typer.Typer) -> None:
                 eval_share=eval_share,
                 augment_paraphrases=augment_paraphrases,
                 teacher=teacher,
+                fact_questions=fact_questions,
             )
         )
         if as_json:

@@ -17,7 +17,7 @@ from rag_persona.knowledge import load_queries
 from rag_persona.prompts import PROMPT_TEMPLATE_VERSION, ContextFact, Persona, build_messages
 from rag_persona.settings import get_settings
 
-from .dialogues import STYLES, Conversation, load_dialogues
+from .dialogues import STYLES, Conversation, Turn, load_dialogues
 
 DATA_FORMAT_VERSION = "1"
 VARIANTS = {"d0": ("plain",), "d1": ("ojousama",), "d2": ("plain", "ojousama")}
@@ -43,6 +43,10 @@ class DataConfig:
     exclude_queries: list[Path] = field(default_factory=list)
     augment_paraphrases: int = 0
     teacher: str | None = None
+    # Train-only turns from the facts' own questions, each answered with its fact said back in the first
+    # person (training.fact_answers.say_fact): the persona's basic facts (her name above all) are asked
+    # far less often in the dialogues than users ask them.
+    fact_questions: bool = False
 
     def __post_init__(self) -> None:
         for name in ("distractor_rate", "drop_golden_rate", "eval_share"):
@@ -140,6 +144,13 @@ def build_datasets(config: DataConfig, teacher=None) -> dict:
     all_facts = [ContextFact(f.id, f.text, 0.0) for f in store.facts]
     users = sorted({t.user for c in kept for t in c.turns})
     cache = dict(zip(users, retrieve_contexts(retriever, users), strict=True))
+    asked = []
+    if config.fact_questions:
+        # Retrieved in a batch of their own: the dialogue rows stay byte-identical to a build without them.
+        asked = fact_question_conversations(store.facts, persona, lambda text: normalise(text) in held_out)
+        new = sorted({t.user for c in asked for t in c.turns} - set(cache))
+        cache.update(zip(new, retrieve_contexts(retriever, new), strict=True))
+        kept = kept + asked
 
     rows: dict[str, list[dict]] = {}
     eval_prompts: list[dict] = []
@@ -213,7 +224,30 @@ def build_datasets(config: DataConfig, teacher=None) -> dict:
         "threshold_source": retriever.threshold_source,
         "k": retriever.k,
     }
-    return _write(config, rows, store, retrieval, dialogues_path, excluded, len(kept), len(generated))
+    return _write(
+        config, rows, store, retrieval, dialogues_path, excluded, len(kept), len(generated), len(asked)
+    )
+
+
+def fact_question_conversations(facts, persona: Persona, is_held_out) -> list[Conversation]:
+    """One single-turn conversation per question of each fact (held-out queries skipped): the question,
+    the fact said back in each style (training.fact_answers.say_fact), the fact as golden."""
+    from .fact_answers import say_fact, self_names
+
+    names = self_names(persona.name)
+    out = []
+    for fact in facts:
+        for i, question in enumerate(fact.questions):
+            if is_held_out(question):
+                continue
+            turn = Turn(
+                user=question,
+                ojousama=say_fact(fact.text, "ojousama", names),
+                plain=say_fact(fact.text, "plain", names),
+                facts=(fact.id,),
+            )
+            out.append(Conversation(f"q-{fact.id}-{i}", "fact-question", (turn,)))
+    return out
 
 
 def _write(
@@ -225,6 +259,7 @@ def _write(
     excluded,
     n_kept: int,
     n_generated: int,
+    n_fact_questions: int = 0,
 ) -> dict:
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +287,7 @@ def _write(
             "conversations": n_kept,
             "excluded_conversations": sorted(c.id for c in excluded),
             "generated_conversations": n_generated,
+            "fact_question_conversations": n_fact_questions,
             "counts": {name: meta["rows"] for name, meta in files.items()},
             "files": files,
         }

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge import read_jsonl
 from rag_persona.prompts import ContextFact, Persona, build_messages, context_block, system_prompt
+from training.fact_answers import say_fact, self_names
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "xattn_cpu.json"
@@ -55,7 +55,7 @@ class XattnTrainConfig:
     fact_focus: int = 1
     # Auxiliary rows per epoch that teach reading the memory outright: a fact's own question, that fact
     # among `copy_distractors` others in memory, and the fact said back verbatim in the persona's
-    # register (`copy_answer`). The SFT answers paraphrase their facts, so they reward the topic more than
+    # register (`fact_answers.say_fact`). The SFT answers paraphrase their facts, so they reward the topic more than
     # the names and numbers; these rows reward copying them.
     copy_rows: int = 0
     copy_distractors: int = 2
@@ -176,29 +176,6 @@ def other_facts(examples: Sequence[XattnExample], k: int) -> list[str]:
     return []
 
 
-_SELF_NAME = re.compile(r"(?:小野寺)?絢音(?=[のはにがをと])")
-
-
-def copy_answer(fact_text: str) -> str:
-    """A fact said back verbatim as one お嬢様 sentence: third person → わたくし, then a polite ending.
-
-    The ending follows the part of speech of the last word (Sudachi): a verb, adjective or auxiliary
-    takes 「のですわ。」, the copula 「だ」 becomes 「なのですわ。」, a noun or na-adjective 「ですわ。」.
-    """
-    from sudachipy import dictionary
-
-    text = _SELF_NAME.sub("わたくし", fact_text.strip().rstrip("。．."))
-    words = dictionary.Dictionary(dict="core").tokenizer().tokenize(text)
-    last = words[-1] if len(words) else None
-    pos = last.part_of_speech()[0] if last is not None else ""
-    before = words[-2].part_of_speech()[0] if len(words) > 1 else ""
-    if pos == "助動詞" and last.surface() == "だ" and before in ("名詞", "形状詞"):
-        return text[:-1] + "なのですわ。"
-    if pos in ("動詞", "形容詞", "助動詞"):
-        return text + "のですわ。"
-    return text + "ですわ。"
-
-
 def copy_examples(
     kb_facts: Sequence, persona: Persona, count: int, distractors: int, rng: random.Random
 ) -> list[XattnExample]:
@@ -212,9 +189,8 @@ def copy_examples(
         memory = [fact.id] + rng.sample([i for i in ids if i != fact.id], min(distractors, len(ids) - 1))
         rng.shuffle(memory)
         messages = build_messages(persona, [], [], question, include_context=False)
-        out.append(
-            XattnExample(f"copy-{n}-{fact.id}", messages, copy_answer(fact.text), memory, [fact.id], "copy")
-        )
+        answer = say_fact(fact.text, "ojousama", self_names(persona.name))
+        out.append(XattnExample(f"copy-{n}-{fact.id}", messages, answer, memory, [fact.id], "copy"))
     return out
 
 
