@@ -188,13 +188,13 @@ def train_adapter(store, pairs: list[tuple[str, str]], weight_decay: float, tau:
 
 def adapter_pairs(kb) -> list[tuple[str, str]]:
     """(user turn, its first fact) from the dialogues, and (question, fact) from the facts' own questions."""
+    from training.dialogues import load_dialogues
+
     pairs = [(x, f.id) for f in kb.facts for x in f.questions]
     path = kb.path / "dialogues.jsonl"
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            for turn in json.loads(line).get("turns", []):
-                if turn.get("facts"):
-                    pairs.append((turn["user"], turn["facts"][0]))
+        for conv in load_dialogues(path, {f.id for f in kb.facts}):
+            pairs += [(t.user, t.facts[0]) for t in conv.turns if t.facts]
     return pairs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -11,6 +12,14 @@ _ENDINGS = {
     "plain": ("んです。", "なんです。", "です。"),
 }
 _FIRST_PERSON = {"ojousama": "わたくし", "plain": "私"}
+
+
+@functools.cache
+def _tokenizer():
+    """One Sudachi tokenizer per process: loading the dictionary costs more than tokenising a fact."""
+    from sudachipy import dictionary
+
+    return dictionary.Dictionary(dict="core").tokenizer()
 
 
 def self_names(full_name: str) -> tuple[str, ...]:
@@ -27,15 +36,13 @@ def say_fact(fact_text: str, style: str = "ojousama", names: Sequence[str] = ())
     「のですわ。」 (plain 「んです。」), the copula 「だ」 after a noun becomes 「なのですわ。」, a noun or
     na-adjective 「ですわ。」.
     """
-    from sudachipy import dictionary
-
     if style not in _ENDINGS:
         raise ValueError(f"style must be one of {sorted(_ENDINGS)}, got {style!r}")
     text = fact_text.strip().rstrip("。．.")
     if names:
         alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
         text = re.sub(f"(?:{alternatives})(?=[のはにがをと])", _FIRST_PERSON[style], text)
-    words = dictionary.Dictionary(dict="core").tokenizer().tokenize(text)
+    words = _tokenizer().tokenize(text)
     after_verb, after_copula, other = _ENDINGS[style]
     if not len(words):
         return text + other

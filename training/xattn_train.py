@@ -182,6 +182,7 @@ def copy_examples(
     """`count` copy rows cycling over the facts that have questions (see XattnTrainConfig.copy_rows)."""
     askable = [f for f in kb_facts if f.questions]
     ids = [f.id for f in kb_facts]
+    names = self_names(persona.name)
     out = []
     for n in range(count if askable else 0):
         fact = askable[n % len(askable)]
@@ -189,7 +190,7 @@ def copy_examples(
         memory = [fact.id] + rng.sample([i for i in ids if i != fact.id], min(distractors, len(ids) - 1))
         rng.shuffle(memory)
         messages = build_messages(persona, [], [], question, include_context=False)
-        answer = say_fact(fact.text, "ojousama", self_names(persona.name))
+        answer = say_fact(fact.text, "ojousama", names)
         out.append(XattnExample(f"copy-{n}-{fact.id}", messages, answer, memory, [fact.id], "copy"))
     return out
 
