@@ -172,7 +172,7 @@ def main() -> None:
     import torch
 
     from rag_persona.generation import GenerationSettings
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
     from ui.engine import Engine, TurnOptions
 
     started = time.perf_counter()

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rag_persona.generation import GenerationSettings, generate_reply
-from rag_persona.llm import LoadedModel
-from rag_persona.models import BUNDLED, join_and_verify, prepare
+from rag_persona.generation import LoadedModel
+from rag_persona.generation import BUNDLED, join_and_verify, prepare
 
 PROMPTS = [
     "自己紹介を一文でしてください。",

@@ -99,9 +99,9 @@ def main(argv=None) -> int:
     from peft import PeftModel
 
     from rag_persona.chat import PersonaChat, default_persona
-    from rag_persona.evaluate import default_adapter, evaluate_chat, load_prompts, open_retriever
+    from rag_persona.evaluation.evaluate import default_adapter, evaluate_chat, load_prompts, open_retriever
     from rag_persona.generation import GenerationSettings
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     dpo = args.dpo or default_adapter(args.model)
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         "",
         *checks(rows),
         "",
-        "Metric definitions: rag_persona/persona_metrics.py (marker list, fact key, off-topic rule).",
+        "Metric definitions: rag_persona/evaluation/metrics.py (marker list, fact key, off-topic rule).",
         "",
         "## Sample replies (first 12 prompts)",
         "",

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_persona.embed import load_embedder
-from rag_persona.knowledge import Fact, KnowledgeBase, load_knowledge, load_queries
-from rag_persona.retrieve import DEFAULT_K, LexicalIndex, RetrievalConfig, Retriever, retriever_for
+from rag_persona.retrieval.embedders import load_embedder
+from rag_persona.knowledge.facts import Fact, KnowledgeBase, load_knowledge, load_queries
+from rag_persona.retrieval.retriever import DEFAULT_K, LexicalIndex, RetrievalConfig, Retriever, retriever_for
 from rag_persona.settings import KNOWLEDGE_ROOT, REPO_ROOT
-from rag_persona.store import _flat_index, build_store, load_index
-from rag_persona.tuning import (
+from rag_persona.retrieval.store import _flat_index, build_store, load_index
+from rag_persona.retrieval.tuning import (
     fit_calibration,
     metrics_from_hits,
     ranking_recall_at,
@@ -220,7 +220,7 @@ def jsquad_section(embedder, limit: int, seed: int) -> list[dict]:
         for s in S
     ]
     rows.append(_rank_row("plain cosine (e5)", queries, rankings))
-    import rag_persona.retrieve as retrieve_mod
+    import rag_persona.retrieval.retriever as retrieve_mod
 
     real = retrieve_mod.content_tokens
     retrieve_mod.content_tokens = bigram_tokens
@@ -345,7 +345,7 @@ def calibrate(embedder) -> None:
     dev = load_queries(OJOUSAMA / "queries" / "dev.jsonl")
     store = build_store(kb, embedder)
     cal = fit_calibration(store, dev)
-    import rag_persona.retrieve as retrieve_mod
+    import rag_persona.retrieval.retriever as retrieve_mod
 
     retrieve_mod.CALIBRATION.update(cal)
     minimal = KnowledgeBase([dataclasses.replace(f, questions=[]) for f in kb.facts], kb.path, kb.files)

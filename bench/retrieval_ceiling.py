@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_persona.knowledge import load_knowledge, load_queries
-from rag_persona.retrieve import RetrievalConfig, Retriever
+from rag_persona.knowledge.facts import load_knowledge, load_queries
+from rag_persona.retrieval.retriever import RetrievalConfig, Retriever
 from rag_persona.settings import KNOWLEDGE_ROOT, REPO_ROOT
-from rag_persona.store import build_store
-from rag_persona.tuning import apply_threshold, metrics_from_hits
+from rag_persona.retrieval.store import build_store
+from rag_persona.retrieval.tuning import apply_threshold, metrics_from_hits
 
 OJOUSAMA = KNOWLEDGE_ROOT / "ojousama"
 JUDGE_PROMPT = (
@@ -95,7 +95,7 @@ def llm_judge(queries, rankings, texts, n: int, threads: int) -> tuple[list[list
     """Log-odds of はい over いいえ as the first answer token, per candidate; and seconds per query."""
     import torch
 
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     torch.set_num_threads(threads)
     loaded = load_causal_lm(None, progress=lambda m: None)

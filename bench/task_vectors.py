@@ -158,9 +158,9 @@ def _persona_metrics(args, variants: dict[str, Path | None]) -> dict[str, dict]:
     from peft import PeftModel
 
     from rag_persona.chat import PersonaChat, default_persona
-    from rag_persona.evaluate import evaluate_chat, load_prompts, open_retriever
+    from rag_persona.evaluation.evaluate import evaluate_chat, load_prompts, open_retriever
     from rag_persona.generation import GenerationSettings
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     prompts = load_prompts(Path(args.data) / "eval_prompts.jsonl")[: args.limit]
     persona = default_persona()

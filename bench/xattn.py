@@ -8,7 +8,7 @@ attached (adapters/xattn unless --weights). With no memory set the blocks do not
    them is in the training dialogues): (a) no context, (b) context in the prompt, (c) context by
    cross-attention. Each question gets the same context in (b) and (c): its golden fact(s) plus two
    distractors (seeded; scores drawn so that order tells nothing, as in the RAFT training data). Fact
-   accuracy, style, EOS and length are the shared persona metrics (rag_persona.persona_metrics).
+   accuracy, style, EOS and length are the shared persona metrics (rag_persona.evaluation.metrics).
 2. Per-turn latency and prefill tokens for 1, 3, 10 and 30 facts, prompt vs cross-attention, the same
    question and a fixed number of new tokens. The system instruction is identical in both modes; rows
    marked "cached" reuse its KV cache (prompt mode can cache it as well: it precedes the context block).
@@ -84,9 +84,9 @@ def context_for(golden: list[str], facts: dict[str, str], rng: random.Random, di
 
 # -- 1. fact accuracy ---------------------------------------------------------------------------------------
 def fact_accuracy(env, queries, distractors: int, max_new_tokens: int, modes: Sequence[str] = MODES) -> dict:
-    from rag_persona.evaluate import persona_words
+    from rag_persona.evaluation.evaluate import persona_words
     from rag_persona.generation import GenerationSettings, ReplyStream
-    from rag_persona.persona_metrics import PromptResult, judge, summarize
+    from rag_persona.evaluation.metrics import PromptResult, judge, summarize
     from rag_persona.prompts import build_messages
     from rag_persona.xattn import XattnReplyStream
 
@@ -218,7 +218,7 @@ def ablation(env, specs: list[str], data: Path, max_eval: int) -> list[dict]:
     import torch
 
     from rag_persona.xattn import PrefixCache, XattnModel, system_prefix_ids
-    from rag_persona.xattn_memory import load_or_build_encodings
+    from rag_persona.xattn import load_or_build_encodings
     from training.xattn_train import _eos_id, completion_loss, encode_example, load_examples, other_facts
 
     rows_out = []
@@ -279,13 +279,13 @@ class Env:
         import torch
 
         from rag_persona.chat import default_persona
-        from rag_persona.knowledge import load_knowledge
-        from rag_persona.llm import load_causal_lm
+        from rag_persona.knowledge.facts import load_knowledge
+        from rag_persona.generation import load_causal_lm
         from rag_persona.prompts import build_messages
         from rag_persona.settings import get_settings
-        from rag_persona.store import default_index_dir, is_index
+        from rag_persona.retrieval.store import default_index_dir, is_index
         from rag_persona.xattn import DEFAULT_ADAPTER_DIR, PrefixCache, XattnModel, system_prefix_ids
-        from rag_persona.xattn_memory import load_or_build_encodings
+        from rag_persona.xattn import load_or_build_encodings
 
         self.persona = default_persona()
         self.kb = load_knowledge(get_settings().persona_dir())
@@ -305,7 +305,7 @@ class Env:
         self.threads = torch.get_num_threads()
 
     def memory(self, ctx):
-        from rag_persona.xattn_memory import encodings_for
+        from rag_persona.xattn import encodings_for
 
         encs = encodings_for(self.x, self.loaded.tokenizer, ctx, self.encodings)
         return self.x.memory_for([encs], [[c.id for c in ctx]], start=len(self.prefix))
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rag_persona.knowledge import load_queries
+    from rag_persona.knowledge.facts import load_queries
     from rag_persona.settings import get_settings
 
     if args.threads:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .generation import GenerationSettings, Reply, ReplyStream
-from .prompts import ContextFact, Persona, build_messages
+from rag_persona.generation import GenerationSettings, Reply, ReplyStream
+from rag_persona.prompts import ContextFact, Persona, build_messages
 
 
 class SearchesFacts(Protocol):
@@ -88,6 +88,6 @@ class PersonaChat:
 
 
 def default_persona(persona: str | None = None) -> Persona:
-    from .settings import get_settings
+    from rag_persona.settings import get_settings
 
     return Persona.load(Path(get_settings().persona_dir(persona)))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RagPersonaError
+from rag_persona.errors import RagPersonaError
 
 # Bump when the wording or layout changes: data manifests record it, so stale datasets are visible.
 PROMPT_TEMPLATE_VERSION = "1"

@@ -99,7 +99,7 @@ def tiny_model_dir(tmp_path, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def bundled_model_dir() -> Path:
     """The bundled 0.5B converted once per RAG_PERSONA_HOME (about a minute the first time)."""
-    from rag_persona.models import prepare
+    from rag_persona.generation import prepare
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return prepare("qwen2.5-coder-0.5b")
@@ -107,7 +107,7 @@ def bundled_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_lm(bundled_model_dir):
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     return load_causal_lm(str(bundled_model_dir), progress=lambda m: None)
 
@@ -118,7 +118,7 @@ def persona_index(tmp_path_factory) -> Path:
     import shutil
 
     from rag_persona.settings import KNOWLEDGE_ROOT
-    from rag_persona.store import ensure_index
+    from rag_persona.retrieval.store import ensure_index
 
     base = tmp_path_factory.getbasetemp()
     kb = base / "ui-persona-kb"

@@ -21,7 +21,7 @@ import pytest
 from conftest import make_tokenizer
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.llm import LoadedModel
+from rag_persona.generation import LoadedModel
 from rag_persona.prompts import MAX_USER_CHARS, Persona
 from rag_persona.settings import KNOWLEDGE_ROOT
 
@@ -42,7 +42,7 @@ TOPICS = [
 # -- fixtures and helpers ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def persona_store(persona_index):
-    from rag_persona.store import load_index
+    from rag_persona.retrieval.store import load_index
 
     return load_index(persona_index)
 
@@ -402,8 +402,8 @@ def test_real_generation_eight_concurrent_conversations(tiny_model_dir, persona_
 def test_cross_attention_mode_runs_when_weights_exist(tiny_model_dir, persona_index, persona, tmp_path):
     """With (untrained) cross-attention weights for the loaded base, the xattn context mode answers and the
     facts go in as memory: the prompt carries no context block, the response still lists the facts."""
-    from rag_persona.llm import load_causal_lm
-    from rag_persona.store import load_index
+    from rag_persona.generation import load_causal_lm
+    from rag_persona.retrieval.store import load_index
     from rag_persona.xattn import XattnModel
     from ui.engine import Engine, TurnOptions
 
@@ -460,7 +460,7 @@ def test_switching_the_model_waits_for_the_running_reply(persona_store, persona)
 @pytest.fixture
 def small_engine(tmp_path, persona):
     """An echo engine over a 4-fact knowledge file in tmp (edits are persisted there, not in the repo)."""
-    from rag_persona.store import build_index
+    from rag_persona.retrieval.store import build_index
     from ui.engine import Engine
 
     kb = tmp_path / "kb" / "facts.jsonl"
@@ -477,7 +477,7 @@ def small_engine(tmp_path, persona):
 
 
 def test_knowledge_edits_are_saved_indexed_and_bad_ones_refused(small_engine):
-    from rag_persona.store import load_index
+    from rag_persona.retrieval.store import load_index
 
     engine, kb = small_engine
     engine.edit_store("add", {"id": "horse", "text": "乗馬クラブで白馬のエトワールに乗る。"})
@@ -508,7 +508,7 @@ def test_knowledge_edits_are_saved_indexed_and_bad_ones_refused(small_engine):
 
 
 def test_tuning_sweeps_plots_and_saves_the_threshold(persona_index, persona, tmp_path):
-    from rag_persona.store import load_index
+    from rag_persona.retrieval.store import load_index
     from ui.app import tune
     from ui.engine import Engine
 

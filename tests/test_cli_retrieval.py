@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rag_persona.cli import app
+from rag_persona.cli.app import app
 
 DATA = Path(__file__).parent / "data"
 runner = CliRunner()

@@ -113,7 +113,7 @@ def test_cpt_blocks_are_packed_with_eos_between_documents_and_every_label_traine
     # The stream is the documents, each followed by exactly one EOS id, in order.
     docs = []
     for v in range(2):
-        from rag_persona.knowledge import load_knowledge
+        from rag_persona.knowledge.facts import load_knowledge
         from rag_persona.prompts import Persona
         from training.cpt_data import background_documents
 
@@ -303,7 +303,7 @@ def test_reward_model_ranks_chosen_over_rejected_after_a_short_run_on_the_bundle
     from transformers import AutoTokenizer
 
     from rag_persona.settings import KNOWLEDGE_ROOT
-    from rag_persona.store import build_index
+    from rag_persona.retrieval.store import build_index
     from training.data import DataConfig, build_datasets
 
     build_index(KNOWLEDGE_ROOT / "ojousama", tmp_path / "index")
@@ -385,7 +385,7 @@ def test_one_grpo_step_changes_only_lora_weights(setup, sft_adapter, reward_run)
 
 
 def test_train_cli_dispatches_the_new_stages(setup, tmp_path):
-    from rag_persona.cli import app
+    from rag_persona.cli.app import app
 
     recipe = tmp_path / "rm.yaml"
     recipe.write_text(
@@ -405,7 +405,7 @@ def test_train_cli_dispatches_the_new_stages(setup, tmp_path):
 
 
 def test_stage_mismatch_and_missing_reward_adapter_are_one_line_errors(setup, tmp_path):
-    from rag_persona.cli import app
+    from rag_persona.cli.app import app
 
     recipe = tmp_path / "rl.yaml"
     recipe.write_text(
@@ -456,7 +456,7 @@ def test_bundled_recipes_follow_the_users_cpt_then_sft_settings():
 
 
 def test_fact_recall_asks_each_facts_questions_without_context(setup):
-    from rag_persona.cli import app
+    from rag_persona.cli.app import app
 
     res = CliRunner().invoke(
         app,

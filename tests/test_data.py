@@ -10,10 +10,10 @@ from conftest import make_tokenizer
 
 from rag_persona.chat import default_persona, plan_turn
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge import load_queries
-from rag_persona.retrieve import retriever_for
+from rag_persona.knowledge.facts import load_queries
+from rag_persona.retrieval.retriever import retriever_for
 from rag_persona.settings import KNOWLEDGE_ROOT
-from rag_persona.store import build_index
+from rag_persona.retrieval.store import build_index
 from training.data import DataConfig, build_datasets, normalise
 from training.dialogues import load_dialogues
 
@@ -71,7 +71,7 @@ def test_raft_shares_are_applied_on_train_only(built):
 
 
 def test_prompt_is_token_for_token_what_the_chat_path_builds(built, index_dir):
-    from rag_persona.store import load_index
+    from rag_persona.retrieval.store import load_index
 
     out, _ = built
     persona = default_persona()
@@ -147,7 +147,7 @@ def test_failed_build_leaves_previous_output_untouched(built, index_dir, monkeyp
 def test_render_prompt_cli_prints_the_chat_messages(index_dir):
     from typer.testing import CliRunner
 
-    from rag_persona.cli import app
+    from rag_persona.cli.app import app
 
     result = CliRunner().invoke(
         app, ["render-prompt", "--index", str(index_dir), "--json", "あなたの名前はなんですか?"]
@@ -184,7 +184,7 @@ def test_teacher_paraphrases_are_marked_generated_and_train_only(index_dir, tmp_
 
 
 def test_fact_questions_add_train_only_turns_answered_by_the_fact(index_dir, built, tmp_path):
-    from rag_persona.knowledge import load_knowledge
+    from rag_persona.knowledge.facts import load_knowledge
 
     out = tmp_path / "fq"
     manifest = build_datasets(DataConfig(out=out, index=index_dir, seed=7, fact_questions=True))

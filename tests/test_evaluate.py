@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from rag_persona.chat import PersonaChat
 from rag_persona.errors import RagPersonaError
-from rag_persona.evaluate import evaluate_chat, load_prompts
+from rag_persona.evaluation.evaluate import evaluate_chat, load_prompts
 from rag_persona.generation import GenerationSettings, Reply
 from rag_persona.prompts import Persona
 
@@ -84,7 +84,7 @@ def test_load_prompts_errors_name_line_and_field(tmp_path):
 
 
 def test_evaluate_chat_runs_the_chat_path_with_a_tiny_model(tiny_model_dir, tmp_path):
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     loaded = load_causal_lm(str(tiny_model_dir), progress=lambda m: None)
     retriever = FakeRetriever()
@@ -156,8 +156,8 @@ def test_summary_scores_the_replies(tmp_path):
 
 
 def test_evaluate_cli_prints_replies_and_summary(tiny_model_dir, tmp_path, monkeypatch):
-    import rag_persona.evaluate as ev
-    from rag_persona.cli import app
+    import rag_persona.evaluation.evaluate as ev
+    from rag_persona.cli.app import app
 
     monkeypatch.setattr(
         ev,
@@ -191,8 +191,8 @@ def test_evaluate_cli_prints_replies_and_summary(tiny_model_dir, tmp_path, monke
 
 
 def test_evaluate_cli_xattn_mode_runs_cross_attention_chat(tiny_model_dir, persona_index, tmp_path):
-    from rag_persona.cli import app
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.cli.app import app
+    from rag_persona.generation import load_causal_lm
     from rag_persona.xattn import XattnConfig, XattnModel
 
     base = load_causal_lm(str(tiny_model_dir), progress=lambda m: None).model  # as the chat loads it

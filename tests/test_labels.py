@@ -164,7 +164,7 @@ def test_audit_file_kinds(tmp_path, split_tok):
 
 
 def test_audit_labels_cli_exit_codes(tmp_path, split_tok):
-    from rag_persona.cli import app
+    from rag_persona.cli.app import app
 
     model_dir = tmp_path / "tok"
     split_tok.save_pretrained(model_dir)

@@ -7,7 +7,7 @@ import torch
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.generation import GenerationSettings, ReplyStream, generate_reply
-from rag_persona.llm import load_causal_lm
+from rag_persona.generation import load_causal_lm
 
 
 def test_local_folder_loads_as_bf16_safetensors(tiny_model_dir):
@@ -56,7 +56,7 @@ def test_reply_no_repeat_ngram_bans_only_the_replys_own_ngrams(tiny_model_dir):
     import torch
 
     from rag_persona.generation import GenerationSettings, ReplyNoRepeatNGram
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     proc = ReplyNoRepeatNGram(3)
     prompt = [5, 6, 9, 5, 6]  # the prompt's own "5 6 -> 9" must stay allowed

@@ -412,7 +412,7 @@ def test_interrupted_write_leaves_nothing_and_keeps_an_old_output(s, tmp_path, m
 
 
 def test_cli_merge_and_task_vectors(s, tmp_path):
-    from rag_persona.cli import app
+    from rag_persona.cli.app import app
 
     runner = CliRunner()
     out = tmp_path / "ties"
@@ -491,8 +491,8 @@ def test_cli_merge_and_task_vectors(s, tmp_path):
 
 def test_cli_evo_merge_with_the_persona_score(s, tmp_path, monkeypatch):
     """The default score runs the persona evaluation; retrieval is faked so no embedder is needed."""
-    import rag_persona.evaluate as ev
-    from rag_persona.cli import app
+    import rag_persona.evaluation.evaluate as ev
+    from rag_persona.cli.app import app
 
     class Fact:
         def __init__(self, id, text):

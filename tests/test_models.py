@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.models import BUNDLED, READY_MARKER, BundledModel, is_prepared, join_and_verify, prepare
+from rag_persona.generation import BUNDLED, READY_MARKER, BundledModel, is_prepared, join_and_verify, prepare
 
 
 def _fake_parts(tmp_path: Path) -> tuple[BundledModel, list[Path]]:

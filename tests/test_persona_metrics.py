@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rag_persona.persona_metrics import (
+from rag_persona.evaluation.metrics import (
     OJOUSAMA_MARKERS,
     PromptResult,
     char_length,

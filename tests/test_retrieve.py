@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge import load_queries
-from rag_persona.retrieve import (
+from rag_persona.knowledge.facts import load_queries
+from rag_persona.retrieval.retriever import (
     DEFAULT_K,
     DEFAULT_THRESHOLDS,
     LexicalIndex,
@@ -19,8 +19,8 @@ from rag_persona.retrieve import (
     retriever_for,
 )
 from rag_persona.settings import KNOWLEDGE_ROOT
-from rag_persona.store import build_store
-from rag_persona.tuning import evaluate_retriever, tune_threshold
+from rag_persona.retrieval.store import build_store
+from rag_persona.retrieval.tuning import evaluate_retriever, tune_threshold
 
 DATA = Path(__file__).parent / "data"
 OJOUSAMA = KNOWLEDGE_ROOT / "ojousama"

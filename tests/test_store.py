@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rag_persona.store as store_mod
+import rag_persona.retrieval.store as store_mod
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge import load_knowledge
-from rag_persona.retrieve import retriever_for
-from rag_persona.store import (
+from rag_persona.knowledge.facts import load_knowledge
+from rag_persona.retrieval.retriever import retriever_for
+from rag_persona.retrieval.store import (
     MANIFEST_FILE,
     StaleIndexError,
     build_index,

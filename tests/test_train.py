@@ -255,7 +255,7 @@ def test_recipe_errors_name_file_and_field(tmp_path):
 
 
 def test_train_cli_runs_a_recipe(setup, tmp_path):
-    from rag_persona.cli import app
+    from rag_persona.cli.app import app
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -275,7 +275,7 @@ def test_train_cli_runs_a_recipe(setup, tmp_path):
 
 
 def test_shipped_adapter_becomes_the_default(setup, sft_run, tmp_path, monkeypatch):
-    from rag_persona.evaluate import default_adapter, resolve_adapter
+    from rag_persona.evaluation.evaluate import default_adapter, resolve_adapter
 
     monkeypatch.delenv("RAG_PERSONA_CHAT_ADAPTER", raising=False)
     dest = ship_adapter(setup.root / "sft", tmp_path / "adapters" / "tiny-persona")

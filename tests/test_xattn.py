@@ -12,7 +12,7 @@ from conftest import make_tiny_qwen2, make_tokenizer
 from rag_persona.errors import RagPersonaError
 from rag_persona.prompts import ContextFact
 from rag_persona.xattn import WEIGHTS_FILE, XattnConfig, XattnModel, XattnReplyStream, read_weights
-from rag_persona.xattn_memory import encodings_for, load_or_build_encodings
+from rag_persona.xattn import encodings_for, load_or_build_encodings
 
 FACTS = [
     ContextFact("profile-name", "名前は小野寺絢音（おのでら あやね）。"),
@@ -319,7 +319,7 @@ def _sft_row(persona, facts, user, answer, golden, history=()):
 
 def test_training_rows_move_the_context_into_memory():
     from rag_persona.chat import default_persona
-    from rag_persona.knowledge import load_knowledge
+    from rag_persona.knowledge.facts import load_knowledge
     from rag_persona.prompts import build_messages
     from rag_persona.settings import get_settings
     from training.xattn_train import strip_context
@@ -352,7 +352,7 @@ def test_copy_rows_say_the_fact_back_with_it_in_memory():
     import random
 
     from rag_persona.chat import default_persona
-    from rag_persona.knowledge import Fact
+    from rag_persona.knowledge.facts import Fact
     from rag_persona.prompts import build_messages
     from training.xattn_train import copy_examples
 
@@ -376,7 +376,7 @@ def test_train_xattn_tiny_run_saves_only_cross_attention(tiny_model_dir, tmp_pat
     import json
 
     from rag_persona.chat import default_persona
-    from rag_persona.knowledge import load_knowledge
+    from rag_persona.knowledge.facts import load_knowledge
     from rag_persona.settings import get_settings
     from training.xattn_train import XattnTrainConfig, train_xattn
 
@@ -503,7 +503,7 @@ def test_missed_golden_facts_join_memory_but_not_for_raft_drops(tmp_path):
     import json
 
     from rag_persona.chat import default_persona
-    from rag_persona.knowledge import load_knowledge
+    from rag_persona.knowledge.facts import load_knowledge
     from rag_persona.settings import get_settings
     from training.xattn_train import load_examples
 

@@ -21,7 +21,7 @@ Teacher = Callable[[str], str]
 def teacher_from_model(name: str | None = None, max_new_tokens: int = 48) -> Teacher:
     """A teacher backed by any chat model (the bundled one by default), greedy so runs repeat."""
     from rag_persona.generation import GenerationSettings, generate_reply
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     loaded = load_causal_lm(name, progress=lambda msg: None)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)

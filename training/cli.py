@@ -9,7 +9,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from rag_persona.cli import echo_json, friendly
+    from rag_persona.cli.app import echo_json, friendly
 
     @app.command("build-data")
     @friendly
@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """LoRA (CPU) or QLoRA (CUDA, 4-bit) training from a recipe, picked automatically and reported:
         SFT, DPO, continued pre-training (cpt), reward model (reward) or GRPO (rl)."""
-        from rag_persona.cli import _progress
+        from rag_persona.cli.app import _progress
         from rag_persona.errors import RagPersonaError
 
         if stage == "xattn":  # cross-attention context injection (training/xattn_train.py)
@@ -207,7 +207,7 @@ def register(app: typer.Typer) -> None:
         ] = True,
     ) -> None:
         """Copy an adapter into the repo's adapters/ (bf16 weights + provenance) for the chat to use."""
-        from rag_persona.evaluate import ADAPTERS_ROOT
+        from rag_persona.evaluation.evaluate import ADAPTERS_ROOT
         from training.trainers import ship_adapter
 
         typer.echo(str(ship_adapter(run, ADAPTERS_ROOT / name, default=default)))

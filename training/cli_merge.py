@@ -22,7 +22,7 @@ BaseOpt = Annotated[
 
 
 def register(app: typer.Typer) -> None:
-    from rag_persona.cli import echo_json, friendly
+    from rag_persona.cli.app import echo_json, friendly
 
     @app.command("merge")
     @friendly
@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """Merge LoRA adapters (peft add_weighted_adapter) or full models against a base (streamed)."""
-        from rag_persona.cli import _progress
+        from rag_persona.cli.app import _progress
         from training.merge import merge, parse_floats
 
         result = merge(
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """L1/L2 norms of (model − base) and (A − B): overall, per layer, per module type."""
-        from rag_persona.cli import _progress
+        from rag_persona.cli.app import _progress
         from training.task_vectors import task_vectors
 
         report = task_vectors(
@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """CMA-ES over adapter weights (and density), scored by persona metrics on held-out prompts."""
-        from rag_persona.cli import _progress
+        from rag_persona.cli.app import _progress
         from training.evomerge import EvoConfig, evo_merge, persona_score_fn
         from training.merge import parse_floats
 

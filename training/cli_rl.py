@@ -9,7 +9,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from rag_persona.cli import _progress, echo_json, friendly
+    from rag_persona.cli.app import _progress, echo_json, friendly
 
     @app.command("fact-recall")
     @friendly

@@ -66,7 +66,7 @@ def merge_into_base(peft_model, recipe: Recipe, mode, adapter_dir: Path, untied:
         return peft_model.merge_and_unload()
     from peft import PeftModel
 
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     progress("reloading the base in bf16 on the CPU to merge the adapter (a 4-bit base cannot hold the sum)")
     base = load_causal_lm(recipe.base_model, device="cpu", progress=progress).model
@@ -118,7 +118,7 @@ def train_cpt(
     under adapter/, and the usual recipe.yaml, data_manifest.json, metrics.json, log_history.json and
     loss.png. `train sft --model <folder>` trains a new, differently shaped LoRA on top of it.
     """
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
     from rag_persona.settings import KNOWLEDGE_ROOT
 
     started = time.time()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge import Fact, load_knowledge
+from rag_persona.knowledge.facts import Fact, load_knowledge
 from rag_persona.prompts import Persona
 
 from .labels import SFTExample, Tokenized, audit_labels, require_clean

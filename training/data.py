@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rag_persona.chat import retrieve_contexts
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge import load_queries
+from rag_persona.knowledge.facts import load_queries
 from rag_persona.prompts import PROMPT_TEMPLATE_VERSION, ContextFact, Persona, build_messages
 from rag_persona.settings import get_settings
 
@@ -97,8 +97,8 @@ def raft_context(
 
 
 def _open_retriever(config: DataConfig):
-    from rag_persona.retrieve import retriever_for
-    from rag_persona.store import default_store, load_index
+    from rag_persona.retrieval.retriever import retriever_for
+    from rag_persona.retrieval.store import default_store, load_index
 
     store = load_index(config.index) if config.index else default_store(config.persona)
     retriever = retriever_for(store, mode=config.mode, threshold=config.threshold, k=config.k)

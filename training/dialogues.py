@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge import read_jsonl
+from rag_persona.knowledge.facts import read_jsonl
 
 STYLES = ("plain", "ojousama")
 

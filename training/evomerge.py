@@ -11,7 +11,7 @@ the log shows what the search gained over it. Every evaluation is appended to a 
 The best candidate is rebuilt (same DARE seed) and exported as an adapter folder with `merge_manifest.json`
 and a copy of the log.
 
-The default score (`persona_score`) is the persona evaluation of `rag_persona.evaluate` on a held-out
+The default score (`persona_score`) is the persona evaluation of `rag_persona.evaluation.evaluate` on a held-out
 prompt file: the mean of style_rate, eos_rate, length_in_range_rate and fact_accuracy from
 `persona_metrics.summarize` (a rate that is None — e.g. no prompt with golden facts — is left out of the
 mean). Any other callable `score_fn(loaded, adapter_name, params) -> float | (float, dict)` can replace it.
@@ -147,7 +147,7 @@ def persona_score_fn(
 ) -> ScoreFn:
     """A score function running the persona evaluation (retrieval + prompt builder + greedy generation)."""
     from rag_persona.chat import PersonaChat, default_persona
-    from rag_persona.evaluate import evaluate_chat, load_prompts, open_retriever
+    from rag_persona.evaluation.evaluate import evaluate_chat, load_prompts, open_retriever
     from rag_persona.generation import GenerationSettings
 
     # Everything but the model is prepared now, so a bad prompt file fails before the base is loaded.
@@ -191,7 +191,7 @@ def evo_merge(
     """CMA-ES over merge weights (and density); the best candidate is written as an adapter folder."""
     from cmaes import CMA
 
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     started = time.time()
     adapters = _check_inputs(adapters)

@@ -6,7 +6,7 @@ trl still appends `eos_token` as a string before tokenising (non-conversational 
 its last trained label is whatever the template puts after the turn end (Qwen: "\\n").
 
 Here a prompt is tokenised exactly as inference tokenises it (chat template + generation prompt, the same
-call `rag_persona.generation.encode_messages` makes), the completion is tokenised as plain text with
+call `rag_persona.generation.decoding.encode_messages` makes), the completion is tokenised as plain text with
 special-token text kept literal, and `eos_id` is appended as a token. Every label outside the completion
 and its EOS is -100. `audit_example` checks the result for any tokenizer.
 """
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge import read_jsonl as read_jsonl_objects
-from rag_persona.persona_metrics import special_token_texts
+from rag_persona.knowledge.facts import read_jsonl as read_jsonl_objects
+from rag_persona.evaluation.metrics import special_token_texts
 
 IGNORE = -100
 TAIL = 8

@@ -133,7 +133,7 @@ def canonical_base(name: str | None) -> str | None:
     """A comparable name for a base model: the bundled alias for its prepared folder, else a resolved path."""
     if not name:
         return None
-    from rag_persona.models import BUNDLED
+    from rag_persona.generation import BUNDLED
 
     p = Path(name)
     if name in BUNDLED or p.name in BUNDLED:
@@ -143,7 +143,7 @@ def canonical_base(name: str | None) -> str | None:
 
 def resolve_base(name: str | None, progress: Callable[[str], None] = lambda m: None) -> tuple[str, Path]:
     """(label, local folder) of a base model: a bundled alias (prepared once), a local folder, or the default."""
-    from rag_persona.llm import resolve_model_path
+    from rag_persona.generation import resolve_model_path
     from rag_persona.settings import get_settings
 
     label = name or get_settings().chat_model
@@ -176,7 +176,7 @@ def default_adapter_base(adapters: Sequence[Path], base: str | None) -> str | No
     if base:
         return base
     if recorded:
-        from rag_persona.models import BUNDLED
+        from rag_persona.generation import BUNDLED
 
         if recorded in BUNDLED or Path(recorded).name in BUNDLED:
             return Path(recorded).name

@@ -2,7 +2,7 @@
 
 This measures what the weights know (before and after continued pre-training), not what retrieval finds:
 the prompt is `build_messages` with an empty fact list, decoding is greedy, and a reply counts as correct
-when it states the fact by the rule of `rag_persona.persona_metrics.states_fact`.
+when it states the fact by the rule of `rag_persona.evaluation.metrics.states_fact`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge import Fact, load_knowledge
-from rag_persona.persona_metrics import fact_key, is_ojousama, states_fact
+from rag_persona.knowledge.facts import Fact, load_knowledge
+from rag_persona.evaluation.metrics import fact_key, is_ojousama, states_fact
 from rag_persona.prompts import Persona, build_messages
 
 
@@ -61,7 +61,7 @@ def fact_recall(
     tokens=None,
 ) -> dict:
     """Ask every question of every given fact; per-question results and a summary."""
-    from rag_persona.evaluate import persona_words
+    from rag_persona.evaluation.evaluate import persona_words
     from rag_persona.generation import GenerationSettings, generate_reply
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
@@ -120,8 +120,8 @@ def run_fact_recall(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Load the model (+ adapter, none by default) and the persona's facts, and run the recall test."""
-    from rag_persona.evaluate import NO_ADAPTER
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.evaluation.evaluate import NO_ADAPTER
+    from rag_persona.generation import load_causal_lm
     from rag_persona.settings import get_settings
 
     folder = Path(knowledge) if knowledge else get_settings().persona_dir(persona)

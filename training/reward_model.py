@@ -84,7 +84,7 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    from rag_persona.llm import from_pretrained_kwargs, resolve_model_path
+    from rag_persona.generation import from_pretrained_kwargs, resolve_model_path
 
     from .labels import resolve_eos_id, stop_ids
 

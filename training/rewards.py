@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
-from rag_persona.persona_metrics import char_length, is_ojousama, leaked_special_text
+from rag_persona.evaluation.metrics import char_length, is_ojousama, leaked_special_text
 
 from .labels import encode_prompt
 
@@ -41,7 +41,7 @@ def eos_score(completion_ids: Sequence[int] | None, eos_ids: Iterable[int], text
 
 
 def style_score(text: str) -> float:
-    """1 when the reply uses the お嬢様 register (rag_persona.persona_metrics markers), else 0."""
+    """1 when the reply uses the お嬢様 register (rag_persona.evaluation.metrics markers), else 0."""
     return 1.0 if is_ojousama(text) else 0.0
 
 

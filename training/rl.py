@@ -107,7 +107,7 @@ def train_rl(
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     from .reward_model import load_trained_reward_model
 

@@ -322,7 +322,7 @@ class Mode:
 def pick_mode(recipe: Recipe, cuda: bool | None = None) -> Mode:
     """QLoRA (4-bit bitsandbytes base) on CUDA, plain LoRA on a bf16 base on CPU; recipe may force one."""
     if cuda is None:
-        from rag_persona.llm import cuda_available
+        from rag_persona.generation import cuda_available
 
         cuda = cuda_available()
     if recipe.quantization == "4bit":
@@ -643,7 +643,7 @@ def train(
         run = getattr(importlib.import_module(module), func)
         return run(recipe, out, progress=progress, cuda=cuda, keep_model=keep_model)
 
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     started = time.time()
     out = Path(out or recipe.output_dir or f"runs/{recipe.name}")
@@ -989,7 +989,7 @@ def ship_adapter(
     """Copy a trained adapter into the repo (bf16 weights, provenance, rag_persona_adapter.json).
 
     The chat picks up a shipped adapter marked default for its base model and persona
-    (rag_persona.evaluate.default_adapter).
+    (rag_persona.evaluation.evaluate.default_adapter).
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -1062,7 +1062,7 @@ def load_tokenizer(model: str | None = None):
     """Tokenizer (and generation stop ids) of a bundled alias, hub id or local folder, without weights."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from rag_persona.llm import resolve_model_path
+    from rag_persona.generation import resolve_model_path
 
     source = resolve_model_path(model, progress=lambda m: None)
     try:

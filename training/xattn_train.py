@@ -1,4 +1,4 @@
-"""Train the cross-attention blocks of `rag_persona.xattn` on the SFT data, the context moved into memory.
+"""Train the cross-attention blocks of `rag_persona.xattn.model` on the SFT data, the context moved into memory.
 
 Each SFT row from `rag-persona build-data` carries a prompt whose system message ends with the context
 block. Here the prompt is rebuilt by the one prompt builder with ``include_context=False`` (checked to be
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge import read_jsonl
+from rag_persona.knowledge.facts import read_jsonl
 from rag_persona.prompts import ContextFact, Persona, build_messages, context_block, system_prompt
 from training.fact_answers import say_fact, self_names
 
@@ -267,12 +267,12 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
     """Run the recipe; return a summary (also stored in the weights file's config)."""
     import torch
 
-    from rag_persona.knowledge import load_knowledge
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.knowledge.facts import load_knowledge
+    from rag_persona.generation import load_causal_lm
     from rag_persona.settings import get_settings
-    from rag_persona.store import default_index_dir, is_index
+    from rag_persona.retrieval.store import default_index_dir, is_index
     from rag_persona.xattn import PrefixCache, XattnConfig, XattnModel, system_prefix_ids
-    from rag_persona.xattn_memory import load_or_build_encodings
+    from rag_persona.xattn import load_or_build_encodings
 
     if config.data is None or config.out is None:
         raise RagPersonaError("train xattn: --data (a build-data folder) and --out are required")
@@ -522,7 +522,7 @@ def train_xattn(config: XattnTrainConfig, log: Callable[[str], None] = print) ->
 
 
 def _eos_id(tokenizer, model) -> int:
-    from rag_persona.generation import eos_token_ids
+    from rag_persona.utils.tokens import eos_token_ids
 
     try:
         from training.labels import resolve_eos_id

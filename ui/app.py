@@ -229,7 +229,7 @@ def build_blocks(engine: Engine, *, default_queries: str | None = None) -> gr.Bl
                         top_p = gr.Slider(0.05, 1.0, value=gen_defaults.top_p, step=0.05, label="top-p")
                         seed = gr.Number(value=0, precision=0, minimum=0, label="seed (0: none)")
                     with gr.Row():
-                        from rag_persona.models import BUNDLED
+                        from rag_persona.generation import BUNDLED
 
                         current = engine.model_name or next(iter(BUNDLED))
                         model_box = gr.Dropdown(
@@ -608,7 +608,7 @@ def build_blocks(engine: Engine, *, default_queries: str | None = None) -> gr.Bl
 
 def _shipped_adapter_paths() -> list[str]:
     try:
-        from rag_persona.evaluate import shipped_adapters
+        from rag_persona.evaluation.evaluate import shipped_adapters
     except ImportError:
         return []
     try:
@@ -643,8 +643,8 @@ def _fact_rows(engine: Engine, query: str, how: str) -> list[list]:
 
 def tune(engine: Engine, queries_path: str | Path, mode: str, k: int, *, candidates: int = 50, progress=None):
     """Sweep thresholds on labelled queries with the chat's own retriever; (Sweep, plot path)."""
-    from rag_persona.knowledge import load_queries
-    from rag_persona.tuning import plot_sweep, sweep
+    from rag_persona.knowledge.facts import load_queries
+    from rag_persona.retrieval.tuning import plot_sweep, sweep
 
     queries = load_queries(queries_path, known_ids=engine.store.ids)
     if progress is not None:

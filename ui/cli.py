@@ -104,7 +104,7 @@ def share_link(host: str, port: int) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    from rag_persona.cli import _progress, friendly
+    from rag_persona.cli.app import _progress, friendly
 
     @app.command("serve")
     @friendly

@@ -199,7 +199,7 @@ Loader = Callable[..., object]
 
 
 def _default_loader(name, adapter=None, progress=print):
-    from rag_persona.llm import load_causal_lm
+    from rag_persona.generation import load_causal_lm
 
     return load_causal_lm(name, adapter=adapter, progress=progress)
 
@@ -207,7 +207,7 @@ def _default_loader(name, adapter=None, progress=print):
 def resolve_default_adapter(model: str | None, adapter: str | None) -> str | None:
     """An explicit adapter ('none' for the base model), else the chat's default adapter for this model."""
     try:
-        from rag_persona.evaluate import resolve_adapter
+        from rag_persona.evaluation.evaluate import resolve_adapter
     except ImportError:  # the default-adapter logic lives with evaluation; absent → no adapter
         return None if adapter in (None, "", "none", "base") else adapter
     return resolve_adapter(model, adapter)
@@ -238,7 +238,7 @@ class Engine:
         max_waiting: int = DEFAULT_MAX_WAITING,
         progress: Callable[[str], None] = print,
     ):
-        from rag_persona.store import default_store, load_index
+        from rag_persona.retrieval.store import default_store, load_index
 
         self.progress = progress
         self.persona = persona if isinstance(persona, Persona) else default_persona(persona)
@@ -267,7 +267,7 @@ class Engine:
         """None when cross-attention weights exist for use; otherwise why the mode is unavailable."""
         path = xattn_weights_path(self._xattn_weights)
         if path is None:
-            return "rag_persona.xattn is not installed in this build"
+            return "rag_persona.xattn.model is not installed in this build"
         if not path.is_file():
             return f"no trained cross-attention weights at {path} (train them: rag-persona train xattn)"
         from rag_persona.xattn import decoder_layers
@@ -319,7 +319,7 @@ class Engine:
         self, mode: str | None = None, threshold: float | None = None, k: int | None = None
     ) -> SearchAt:
         """The library's retriever for this mode (index defaults: tuned threshold, stored k) at threshold/k."""
-        from rag_persona.retrieve import retriever_for
+        from rag_persona.retrieval.retriever import retriever_for
 
         with self._store_lock:
             base = self._retrievers.get(mode)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RagPersonaError
+from rag_persona.errors import RagPersonaError
 
 FACTS_FILE = "facts.jsonl"
 _NOT_FACTS = {"dialogues.jsonl"}

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RagPersonaError
-from .knowledge import Fact
-from .store import KEY_QUESTION, FactStore
+from rag_persona.errors import RagPersonaError
+from rag_persona.knowledge.facts import Fact
+from rag_persona.retrieval.store import KEY_QUESTION, FactStore
 
 MODES = ("dense", "lexical", "hybrid")
 DEFAULT_MODE = "hybrid"
@@ -56,7 +56,7 @@ class Calibration:
         return self.bias + self.w_z * z + self.w_gap * gap + self.w_lex * lex
 
 
-# Fitted by `rag_persona.tuning.fit_calibration` (L2 = 1) on the ojousama index and
+# Fitted by `rag_persona.retrieval.tuning.fit_calibration` (L2 = 1) on the ojousama index and
 # knowledge/ojousama/queries/dev.jsonl; bench/retrieval.py --calibrate refits and prints them.
 CALIBRATION: dict[tuple[str, str], Calibration] = {
     ("dense", "text"): Calibration(bias=-6.036, w_z=1.484, w_gap=1.338),

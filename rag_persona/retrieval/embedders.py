@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import RagPersonaError
+from rag_persona.errors import RagPersonaError
 
 DEFAULT_EMBEDDER = "e5-small"
 # Aliases for models that ship inside packages, so they load with no network.

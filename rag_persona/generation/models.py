@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import RagPersonaError
-from .settings import get_settings
+from rag_persona.errors import RagPersonaError
+from rag_persona.settings import get_settings
 
 READY_MARKER = "rag_persona_model.json"
 _CHUNK = 1 << 24

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import RagPersonaError
+from rag_persona.errors import RagPersonaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(no_args_is_help=True, help="Bundled chat models: prepare, list.")
@@ -53,7 +53,7 @@ def models_prepare(
     alias: Annotated[str, typer.Argument(help="Bundled model alias.")] = "qwen2.5-coder-0.5b",
 ) -> None:
     """Join, verify (sha256) and convert a bundled model once; a second run is a no-op."""
-    from .models import prepare
+    from rag_persona.generation import prepare
 
     path = prepare(alias, progress=_progress)
     typer.echo(str(path))
@@ -63,7 +63,7 @@ def models_prepare(
 @friendly
 def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show bundled models: installed, prepared, sizes and hashes."""
-    from .models import list_models
+    from rag_persona.generation import list_models
 
     rows = list_models()
     if as_json:
@@ -88,9 +88,9 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """One reply from the chat model, streamed to the terminal, stopping at EOS."""
-    from .evaluate import resolve_adapter
-    from .generation import GenerationSettings, ReplyStream
-    from .llm import load_causal_lm
+    from rag_persona.evaluation.evaluate import resolve_adapter
+    from rag_persona.generation import GenerationSettings, ReplyStream
+    from rag_persona.generation import load_causal_lm
 
     loaded = load_causal_lm(model, adapter=resolve_adapter(model, adapter), progress=_progress)
     stream = ReplyStream(loaded, [{"role": "user", "content": message}], GenerationSettings(max_new_tokens))
@@ -121,10 +121,10 @@ def chat(
         return _chat_xattn(model)
     if mode != "prompt":
         raise RagPersonaError(f"chat: mode {mode!r} is not one of prompt, xattn")
-    from .chat import PersonaChat, default_persona
-    from .evaluate import resolve_adapter
-    from .llm import load_causal_lm
-    from .retrieve import retriever_for
+    from rag_persona.chat import PersonaChat, default_persona
+    from rag_persona.evaluation.evaluate import resolve_adapter
+    from rag_persona.generation import load_causal_lm
+    from rag_persona.retrieval.retriever import retriever_for
 
     retriever = retriever_for(_open_store(index))
     loaded = load_causal_lm(model, adapter=resolve_adapter(model, adapter), progress=_progress)
@@ -165,8 +165,8 @@ def render_prompt(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The messages the model would get for this turn, after retrieval."""
-    from .chat import default_persona, plan_turn
-    from .retrieve import retriever_for
+    from rag_persona.chat import default_persona, plan_turn
+    from rag_persona.retrieval.retriever import retriever_for
 
     turns = []
     if history:
@@ -187,8 +187,8 @@ def render_prompt(
 
 
 def _chat_xattn(model: str | None) -> None:
-    """The terminal chat in cross-attention mode (rag_persona.xattn): base model + trained blocks."""
-    from .xattn import load_xattn_chat
+    """The terminal chat in cross-attention mode (rag_persona.xattn.model): base model + trained blocks."""
+    from rag_persona.xattn import load_xattn_chat
 
     xchat = load_xattn_chat(model, progress=_progress)
     history: list[dict] = []
@@ -229,7 +229,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Each prompt through retrieval + the prompt builder + generation; persona metrics over the replies."""
-    from .evaluate import run_evaluation
+    from rag_persona.evaluation.evaluate import run_evaluation
 
     report = run_evaluation(
         prompts,
@@ -265,7 +265,7 @@ ModeOpt = Annotated[
 
 
 def _open_store(index: str | None):
-    from .store import default_store, load_index
+    from rag_persona.retrieval.store import default_store, load_index
 
     if index:
         return load_index(index)
@@ -283,7 +283,7 @@ def index_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Embed a knowledge base into a FAISS index folder with a manifest."""
-    from .store import build_index, is_index, load_index
+    from rag_persona.retrieval.store import build_index, is_index, load_index
 
     old = load_index(out, check=False) if is_index(out) else None
     store = build_index(kb, out, embedder, progress=not as_json, keep_threshold_from=old)
@@ -314,7 +314,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Facts for a query, above the threshold, at most k: [{"id","text","score"}]."""
-    from .retrieve import retriever_for
+    from rag_persona.retrieval.retriever import retriever_for
 
     retriever = retriever_for(_open_store(index), mode=mode, threshold=threshold, k=k)
     hits = retriever.search(query)
@@ -341,9 +341,9 @@ def eval_retrieval(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Precision, recall, F1, top-1 hit rate and off-topic rejection on labelled queries."""
-    from .knowledge import load_queries
-    from .retrieve import retriever_for
-    from .tuning import _check_labels, evaluate_retriever
+    from rag_persona.knowledge.facts import load_queries
+    from rag_persona.retrieval.retriever import retriever_for
+    from rag_persona.retrieval.tuning import _check_labels, evaluate_retriever
 
     store = _open_store(index)
     labelled = load_queries(queries)
@@ -375,8 +375,8 @@ def tune_threshold_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Sweep thresholds on labelled queries, store the F1-best one with the index, print it."""
-    from .knowledge import load_queries
-    from .tuning import tune_threshold
+    from rag_persona.knowledge.facts import load_queries
+    from rag_persona.retrieval.tuning import tune_threshold
 
     store = _open_store(index)
     labelled = load_queries(queries)

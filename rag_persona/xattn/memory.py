@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RagPersonaError
+from rag_persona.errors import RagPersonaError
 
 CACHE_DIR = "xattn"
 CACHE_FORMAT = "1"

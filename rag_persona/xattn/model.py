@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import RagPersonaError
-from .generation import GenerationSettings, ReplyStream
-from .settings import REPO_ROOT
+from rag_persona.errors import RagPersonaError
+from rag_persona.generation.decoding import GenerationSettings, ReplyStream
+from rag_persona.settings import REPO_ROOT
 
 XATTN_FORMAT = 1
 WEIGHTS_FILE = "xattn.safetensors"
@@ -436,7 +436,7 @@ class XattnModel(nn.Module):
     def encode_facts(self, tokenizer, texts: Sequence[str], batch_size: int = 16) -> list:
         """Encode fact texts with the frozen base (no cross-attention): one (S, T, D) tensor per fact."""
         if self.config.memory == "e5":
-            from .embed import load_embedder
+            from rag_persona.retrieval.embedders import load_embedder
 
             vectors = load_embedder("e5-small").encode_passages(list(texts))
             return [torch.from_numpy(v.copy()).view(1, 1, -1) for v in vectors]
@@ -626,7 +626,7 @@ def load_xattn(
     weights defaults to adapters/xattn/ (trained on the bundled 0.5B). Without weights for this base the
     call refuses unless allow_untrained (gates at 0: the memory then has no effect at all).
     """
-    from .llm import load_causal_lm
+    from rag_persona.generation.llm import load_causal_lm
 
     loaded = load_causal_lm(model, progress=progress)
     path = Path(weights) if weights else DEFAULT_ADAPTER_DIR
@@ -654,7 +654,7 @@ class XattnChat:
     loaded: object
     xmodel: XattnModel
     settings: object = None
-    encodings: object = None  # rag_persona.xattn_memory.FactEncodings
+    encodings: object = None  # rag_persona.xattn.memory.FactEncodings
 
     def __post_init__(self) -> None:
         if self.settings is None:
@@ -664,7 +664,7 @@ class XattnChat:
     _prefix: PrefixCache | None = field(default=None, repr=False)
 
     def memory(self, facts: Sequence, start: int | None = None) -> Memory:
-        from .xattn_memory import encodings_for
+        from rag_persona.xattn.memory import encodings_for
 
         encs = encodings_for(self.xmodel, self.loaded.tokenizer, facts, self.encodings)
         return self.xmodel.memory_for([encs], [[f.id for f in facts]], start=start)
@@ -680,7 +680,7 @@ class XattnChat:
         return self._prefix
 
     def stream(self, history: Sequence[dict], user_turn: str):
-        from .chat import plan_turn
+        from rag_persona.chat import plan_turn
 
         plan = plan_turn(self.persona, self.retriever, history, user_turn, include_context=False)
         prefix = self.prefix_for(plan.messages)
@@ -696,7 +696,7 @@ class XattnChat:
         return plan, stream
 
     def respond(self, history: Sequence[dict], user_turn: str):
-        from .chat import TurnResult
+        from rag_persona.chat import TurnResult
 
         plan, stream = self.stream(history, user_turn)
         for _ in stream:
@@ -747,7 +747,7 @@ class XattnReplyStream(ReplyStream):
         self.prefilled_tokens: int | None = None
 
     def __iter__(self):
-        from .generation import encode_messages
+        from rag_persona.generation.decoding import encode_messages
 
         ids = encode_messages(self.loaded.tokenizer, self.messages)
         if self.memory is not None and self.memory.start is None:
@@ -775,7 +775,7 @@ def xattn_chat_for(
 
     The model may carry a peft adapter (the prompt mode's default): it is switched off while this mode runs.
     """
-    from .xattn_memory import load_or_build_encodings
+    from rag_persona.xattn.memory import load_or_build_encodings
 
     path = Path(weights) if weights else DEFAULT_ADAPTER_DIR
     xmodel = XattnModel.load(loaded.model, path, base_name=getattr(loaded, "source", "") or "")
@@ -810,17 +810,17 @@ def load_xattn_chat(
     allow_untrained: bool = False,
 ) -> XattnChat:
     """The persona, its index's retriever, the base model with cross-attention, and cached fact encodings."""
-    from .chat import default_persona
-    from .store import default_store, load_index
-    from .xattn_memory import load_or_build_encodings
+    from rag_persona.chat import default_persona
+    from rag_persona.retrieval.store import default_store, load_index
+    from rag_persona.xattn.memory import load_or_build_encodings
 
     if store is None:
         store = load_index(index) if index else default_store(persona, log=progress)
     if retriever is None:
         try:
-            from .retrieve import retriever_for
+            from rag_persona.retrieval.retriever import retriever_for
         except ImportError as exc:  # pragma: no cover - retrieval not wired yet
-            raise RagPersonaError("retrieval: rag_persona.retrieve has no retriever_for yet") from exc
+            raise RagPersonaError("retrieval: rag_persona.retrieval.retriever has no retriever_for yet") from exc
         retriever = retriever_for(store)
     loaded, xmodel = load_xattn(model, weights, progress=progress, allow_untrained=allow_untrained)
     encodings = load_or_build_encodings(

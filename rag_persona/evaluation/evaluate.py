@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat import PersonaChat
-from .errors import RagPersonaError
-from .generation import GenerationSettings
-from .knowledge import read_jsonl
-from .persona_metrics import PromptResult, judge, summarize
-from .prompts import Persona
-from .settings import REPO_ROOT, get_settings
+from rag_persona.chat import PersonaChat
+from rag_persona.errors import RagPersonaError
+from rag_persona.generation import GenerationSettings
+from rag_persona.knowledge.facts import read_jsonl
+from rag_persona.evaluation.metrics import PromptResult, judge, summarize
+from rag_persona.prompts import Persona
+from rag_persona.settings import REPO_ROOT, get_settings
 
 MODES = ("prompt", "xattn")
 ADAPTERS_ROOT = REPO_ROOT / "adapters"
@@ -168,13 +168,13 @@ def evaluate_chat(
 
 def open_retriever(index: str | Path | None = None, persona: str | None = None, log=lambda msg: None):
     """The retriever the chat uses: the default persona index unless an index folder is named."""
-    from .store import default_store, load_index
+    from rag_persona.retrieval.store import default_store, load_index
 
     store = load_index(index) if index else default_store(persona, log=log)
     try:
-        from .retrieve import retriever_for
+        from rag_persona.retrieval.retriever import retriever_for
     except ImportError as exc:  # pragma: no cover - retrieval not wired yet
-        raise RagPersonaError("retrieval: rag_persona.retrieve has no retriever_for yet") from exc
+        raise RagPersonaError("retrieval: rag_persona.retrieval.retriever has no retriever_for yet") from exc
     return store, retriever_for(store)
 
 
@@ -195,8 +195,8 @@ def run_evaluation(
     """Load the model (+ default adapter), the persona and its index, and evaluate the prompts."""
     if mode not in MODES:
         raise RagPersonaError(f"evaluate: mode {mode!r} is not one of {', '.join(MODES)}")
-    from .chat import default_persona
-    from .llm import load_causal_lm
+    from rag_persona.chat import default_persona
+    from rag_persona.generation import load_causal_lm
 
     prompts = load_prompts(prompts_path)[:limit] if limit else load_prompts(prompts_path)
     the_persona = default_persona(persona)
@@ -204,7 +204,7 @@ def run_evaluation(
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     if mode == "xattn":
         # the base model with the trained cross-attention blocks; the context never enters the prompt
-        from .xattn import load_xattn_chat
+        from rag_persona.xattn import load_xattn_chat
 
         if adapter:
             raise RagPersonaError("evaluate: --adapter applies to prompt mode; xattn mode uses --weights")

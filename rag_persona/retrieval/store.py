@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .embed import _E5_ALIASES, DEFAULT_EMBEDDER, Embedder, load_embedder
-from .errors import RagPersonaError
-from .knowledge import (
+from rag_persona.retrieval.embedders import _E5_ALIASES, DEFAULT_EMBEDDER, Embedder, load_embedder
+from rag_persona.errors import RagPersonaError
+from rag_persona.knowledge.facts import (
     FACTS_FILE,
     Fact,
     KnowledgeBase,
@@ -41,7 +41,7 @@ from .knowledge import (
     read_jsonl,
     write_facts,
 )
-from .settings import get_settings
+from rag_persona.settings import get_settings
 
 INDEX_FORMAT = 1
 MANIFEST_FILE = "manifest.json"
@@ -609,3 +609,14 @@ def default_store(persona: str | None = None, *, progress: bool = False, log=lam
     if not kb_dir.exists():
         raise RagPersonaError(f"{kb_dir}: the default persona's knowledge folder is missing")
     return ensure_index(kb_dir, default_index_dir(persona), settings.embedder, progress=progress, log=log)
+
+
+def open_store(
+    index: str | Path | None = None,
+    persona: str | None = None,
+    *,
+    progress: bool = False,
+    log=lambda msg: None,
+) -> FactStore:
+    """The store every command opens: the named index folder, else the persona's (default persona's) index."""
+    return load_index(index) if index else default_store(persona, progress=progress, log=log)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RagPersonaError
-from .models import BUNDLED, prepare
-from .settings import get_settings
+from rag_persona.errors import RagPersonaError
+from rag_persona.generation.models import BUNDLED, prepare
+from rag_persona.settings import get_settings
 
 
 @dataclass

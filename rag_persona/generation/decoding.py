@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from .errors import RagPersonaError
+from rag_persona.errors import RagPersonaError
 
 
 class ReplyNoRepeatNGram:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RagPersonaError
-from .knowledge import LabelledQuery
+from rag_persona.errors import RagPersonaError
+from rag_persona.knowledge.facts import LabelledQuery
 
 # One ranked candidate list per query: (fact id, score), best first.
 Ranking = list[tuple[str, float]]
@@ -244,7 +244,7 @@ def tune_threshold(
     source: str | None = None,
 ) -> Sweep:
     """Sweep thresholds for an index on labelled queries, store the chosen one in its manifest."""
-    from .retrieve import retriever_for
+    from rag_persona.retrieval.retriever import retriever_for
 
     retriever = retriever_for(store, mode=mode, k=k)
     _check_labels(store, queries)
@@ -316,7 +316,7 @@ def calibration_features(
 
 def fit_calibration(store, queries: Sequence[LabelledQuery], l2: float = 1.0) -> dict:
     """Fit `retrieve.Calibration` weights for dense and hybrid on an index and labelled queries."""
-    from .retrieve import Calibration, RetrievalConfig, Retriever
+    from rag_persona.retrieval.retriever import Calibration, RetrievalConfig, Retriever
 
     out = {}
     for mode in ("dense", "hybrid"):

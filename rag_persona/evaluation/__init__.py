@@ -1,0 +1,1 @@
+"""Evaluation: persona metrics per reply and the evaluate pipeline over a prompt set."""

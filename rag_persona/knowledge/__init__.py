@@ -1,0 +1,1 @@
+"""Persona knowledge: facts and labelled queries on disk, validated into dataclasses."""

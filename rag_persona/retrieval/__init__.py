@@ -1,0 +1,1 @@
+"""Retrieval: embedders, the fact store and index, dense/lexical/hybrid ranking, thresholds and tuning."""

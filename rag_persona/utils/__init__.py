@@ -1,0 +1,1 @@
+"""Small helpers with one implementation each: atomic writes, JSONL, tokenizer ids, Japanese tokenisation."""
