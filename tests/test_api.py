@@ -97,6 +97,14 @@ def echo_loader(model_holder: dict):
     return load
 
 
+def echo_engine(store, persona, name: str = "echo", holder: dict | None = None):
+    """An engine over `store` whose model is the echo model (put in holder["lm"] when a holder is given)."""
+    from ui.engine import Engine
+
+    loader = echo_loader({} if holder is None else holder)
+    return Engine(name, store=store, persona=persona, loader=loader, progress=lambda m: None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,12 +177,8 @@ def chat(url: str, messages: list[dict], *, stream: bool = False, timeout: float
 
 @pytest.fixture(scope="module")
 def echo_server(persona_store, persona):
-    from ui.engine import Engine
-
     holder: dict = {}
-    engine = Engine(
-        "echo", store=persona_store, persona=persona, loader=echo_loader(holder), progress=lambda m: None
-    )
+    engine = echo_engine(persona_store, persona, holder=holder)
     with Server(engine) as server:
         server.engine, server.lm = engine, holder["lm"]
         yield server
@@ -341,11 +345,7 @@ def test_full_queue_answers_503_and_recovers(echo_server):
 
 
 def test_auth_is_required_when_configured(persona_store, persona):
-    from ui.engine import Engine
-
-    engine = Engine(
-        "echo", store=persona_store, persona=persona, loader=echo_loader({}), progress=lambda m: None
-    )
+    engine = echo_engine(persona_store, persona)
     with Server(engine, auth=("aya", "s3cret")) as server:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 512}
         r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
@@ -441,12 +441,8 @@ def test_cross_attention_mode_runs_when_weights_exist(tiny_model_dir, persona_in
 
 
 def test_switching_the_model_waits_for_the_running_reply(persona_store, persona):
-    from ui.engine import Engine
-
     holder: dict = {}
-    engine = Engine(
-        "echo-1", store=persona_store, persona=persona, loader=echo_loader(holder), progress=lambda m: None
-    )
+    engine = echo_engine(persona_store, persona, "echo-1", holder)
     holder["lm"].delay = 0.02
     job = engine.submit([], "c1 slow reply " * 3, None)
     info = engine.switch_model("echo-2", "none")  # queued behind the running job
@@ -461,7 +457,6 @@ def test_switching_the_model_waits_for_the_running_reply(persona_store, persona)
 def small_engine(tmp_path, persona):
     """An echo engine over a 4-fact knowledge file in tmp (edits are persisted there, not in the repo)."""
     from rag_persona.retrieval.store import build_index
-    from ui.engine import Engine
 
     kb = tmp_path / "kb" / "facts.jsonl"
     kb.parent.mkdir()
@@ -473,7 +468,7 @@ def small_engine(tmp_path, persona):
     ]
     kb.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in facts), encoding="utf-8")
     store = build_index(kb.parent, tmp_path / "index", "e5-small")
-    return Engine("echo", store=store, persona=persona, loader=echo_loader({}), progress=lambda m: None), kb
+    return echo_engine(store, persona), kb
 
 
 def test_knowledge_edits_are_saved_indexed_and_bad_ones_refused(small_engine):
@@ -509,8 +504,7 @@ def test_knowledge_edits_are_saved_indexed_and_bad_ones_refused(small_engine):
 
 def test_tuning_sweeps_plots_and_saves_the_threshold(persona_index, persona, tmp_path):
     from rag_persona.retrieval.store import load_index
-    from ui.app import tune
-    from ui.engine import Engine
+    from ui.tabs.tuning import tune
 
     src = KNOWLEDGE_ROOT / "ojousama" / "queries" / "dev.jsonl"
     lines = src.read_text(encoding="utf-8").splitlines()
@@ -521,7 +515,7 @@ def test_tuning_sweeps_plots_and_saves_the_threshold(persona_index, persona, tmp
     index = tmp_path / "index"
     shutil.copytree(persona_index, index)
     store = load_index(index)
-    engine = Engine("echo", store=store, persona=persona, loader=echo_loader({}), progress=lambda m: None)
+    engine = echo_engine(store, persona)
     result, plot = tune(engine, subset, "dense", 3)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lo, hi = result.plateau()

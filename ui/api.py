@@ -23,6 +23,7 @@ import hmac
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 import anyio
@@ -241,57 +242,90 @@ def add_api_routes(app: FastAPI, engine: Engine, *, auth: tuple[str, str] | None
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
-        history, user_turn, dropped = split_request(req)
-        options = options_for(req)
-        if options.context_mode == "xattn" and not engine.xattn_available:
-            raise ApiError(
-                400, f"rag_persona.context_mode: cross-attention is unavailable: {engine.xattn_reason}"
-            )
-        try:
-            job = await anyio.to_thread.run_sync(engine.submit, history, user_turn, options)
-        except EngineBusy as exc:
-            raise ApiError(503, str(exc)) from None
-        except RagPersonaError as exc:
-            raise ApiError(400, str(exc)) from None
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        label = engine.model_label()
-        extra = context_payload(job.plan, dropped)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(job, cid, created, label, extra, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            while True:
-                kind, value = await _next_event(job)
-                if kind == "error":
-                    raise ApiError(500, str(value), code="generation_failed")
-                if kind == "done":
-                    break
-        finally:
-            if not job.done.is_set():
-                job.cancel()
-        reply = value
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": label,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": reply.text},
-                    "finish_reason": "stop" if reply.ended_by_eos else "length",
-                }
-            ],
-            "usage": _usage(reply),
-            "rag_persona": extra,
-        }
+        return await complete(engine, req)
 
     app.include_router(router)
+    add_error_handlers(app)
+    return router
+
+
+async def _submit(engine: Engine, req: ChatCompletionRequest):
+    """(queued job, exchanges dropped from the history) or the ApiError the client gets."""
+    history, user_turn, dropped = split_request(req)
+    options = options_for(req)
+    if options.context_mode == "xattn" and not engine.xattn_available:
+        raise ApiError(
+            400, f"rag_persona.context_mode: cross-attention is unavailable: {engine.xattn_reason}"
+        )
+    try:
+        job = await anyio.to_thread.run_sync(engine.submit, history, user_turn, options)
+    except EngineBusy as exc:
+        raise ApiError(503, str(exc)) from None
+    except RagPersonaError as exc:
+        raise ApiError(400, str(exc)) from None
+    return job, dropped
+
+
+async def _reply(job):
+    """The finished Reply; a client that goes away (or an error) cancels the job."""
+    try:
+        while True:
+            kind, value = await _next_event(job)
+            if kind == "error":
+                raise ApiError(500, str(value), code="generation_failed")
+            if kind == "done":
+                return value
+    finally:
+        if not job.done.is_set():
+            job.cancel()
+
+
+async def complete(engine: Engine, req: ChatCompletionRequest):
+    """One chat completion: a JSON body, or an SSE stream when the request asks for one."""
+    job, dropped = await _submit(engine, req)
+    completion = Completion(
+        id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        created=int(time.time()),
+        model=engine.model_label(),
+        extra=context_payload(job.plan, dropped),
+    )
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(job, completion, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    reply = await _reply(job)
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": reply.text},
+        "finish_reason": "stop" if reply.ended_by_eos else "length",
+    }
+    return completion.body("chat.completion", [choice], usage=_usage(reply), rag_persona=completion.extra)
+
+
+def validation_message(errors: list) -> tuple[str, str]:
+    """FastAPI's validation errors as one line naming the first bad field (`messages[0].role: ...`)."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = ""
+    for p in loc:
+        where += f"[{p}]" if p.isdigit() else (f".{p}" if where else p)
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        message = f"request body: not valid JSON ({first.get('ctx', {}).get('error', msg)})"
+        where = ""
+    elif first.get("type") == "missing":
+        message = f"{where or 'request body'}: missing"
+    else:
+        message = f"{where or 'request body'}: {msg}"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return message + more, where
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """OpenAI-shaped error bodies for ApiError and for requests that fail validation."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -303,24 +337,8 @@ def add_api_routes(app: FastAPI, engine: Engine, *, auth: tuple[str, str] | None
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        where = ""
-        for p in loc:
-            where += f"[{p}]" if p.isdigit() else (f".{p}" if where else p)
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message = f"request body: not valid JSON ({first.get('ctx', {}).get('error', msg)})"
-            where = ""
-        elif first.get("type") == "missing":
-            message = f"{where or 'request body'}: missing"
-        else:
-            message = f"{where or 'request body'}: {msg}"
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        return JSONResponse(error_body(message + more, param=where or None), status_code=400)
-
-    return router
+        message, where = validation_message(exc.errors())
+        return JSONResponse(error_body(message, param=where or None), status_code=400)
 
 
 def _usage(reply) -> dict:
@@ -331,41 +349,48 @@ def _usage(reply) -> dict:
     }
 
 
-def _chunk(cid: str, created: int, model: str, delta: dict, finish=None, **extra) -> str:
-    body = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        **extra,
-    }
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+@dataclass
+class Completion:
+    """What every response of one completion carries: its id, creation time, model label and context."""
+
+    id: str
+    created: int
+    model: str
+    extra: dict  # the `rag_persona` object: the facts the model saw, history trimming
+
+    def body(self, obj: str, choices: list, **more) -> dict:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **more,
+        }
+
+    def chunk(self, delta: dict, finish=None, **more) -> str:
+        body = self.body(
+            "chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": finish}], **more
+        )
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _sse(job, cid: str, created: int, model: str, extra: dict, include_usage: bool):
+async def _sse(job, completion: Completion, include_usage: bool):
     """SSE: a role chunk carrying the context, text deltas, a finish chunk, optional usage, [DONE]."""
     finished = False
     try:
-        yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, rag_persona=extra)
+        yield completion.chunk({"role": "assistant", "content": ""}, rag_persona=completion.extra)
         while True:
             kind, value = await _next_event(job)
             if kind == "piece":
-                yield _chunk(cid, created, model, {"content": value})
+                yield completion.chunk({"content": value})
             elif kind == "error":
                 yield f"data: {json.dumps(error_body(str(value), 'server_error'), ensure_ascii=False)}\n\n"
                 break
             elif kind == "done":
-                yield _chunk(cid, created, model, {}, "stop" if value.ended_by_eos else "length")
+                yield completion.chunk({}, "stop" if value.ended_by_eos else "length")
                 if include_usage:
-                    body = {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": _usage(value),
-                    }
+                    body = completion.body("chat.completion.chunk", [], usage=_usage(value))
                     yield f"data: {json.dumps(body)}\n\n"
                 break
         yield "data: [DONE]\n\n"

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from rag_persona.cli import _progress, friendly
+from rag_persona.errors import RagPersonaError
+
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
-    from rag_persona.errors import RagPersonaError
-
     if value is None or value == "":
         return None
     user, sep, password = value.partition(":")
@@ -21,8 +25,6 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def parse_bool(value: str, option: str) -> bool:
-    from rag_persona.errors import RagPersonaError
-
     v = value.strip().lower()
     if v in ("1", "true", "yes", "on"):
         return True
@@ -32,8 +34,6 @@ def parse_bool(value: str, option: str) -> bool:
 
 
 def check_port_free(host: str, port: int) -> None:
-    from rag_persona.errors import RagPersonaError
-
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
             s.bind((host, port))
@@ -52,6 +52,7 @@ def serve(
     log=print,
 ) -> None:
     """Load the engine, build the app, and serve it with uvicorn until interrupted."""
+    # here, not at the top: uvicorn, gradio and torch would slow every other rag-persona command
     import uvicorn
 
     from .app import create_app
@@ -70,9 +71,6 @@ def serve(
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     if share:
-        import threading
-        import time
-
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         while not server.started and thread.is_alive():
@@ -89,11 +87,7 @@ def serve(
 
 def share_link(host: str, port: int) -> str:
     """A public gradio.live tunnel to the local server (needs internet access)."""
-    import secrets
-
     from gradio import networking
-
-    from rag_persona.errors import RagPersonaError
 
     try:
         return networking.setup_tunnel(host, port, secrets.token_urlsafe(32), None, None)
@@ -104,8 +98,6 @@ def share_link(host: str, port: int) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    from rag_persona.cli.app import _progress, friendly
-
     @app.command("serve")
     @friendly
     def serve_cmd(

@@ -8,12 +8,13 @@ skipped, a running one stops at the next token (a stopping criterion), so the mo
 nobody. Model/adapter switches and the cross-attention load run as jobs too, so they wait for the current
 generation instead of pulling the model out from under it.
 
-Knowledge edits and retrieval share one lock, so a search never sees a half-rebuilt index.
+What is served (the store and its retrievers, the loaded model) lives in ui.loading.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import queue
 import threading
@@ -24,8 +25,11 @@ from pathlib import Path
 
 from rag_persona.chat import TurnPlan, default_persona, plan_turn
 from rag_persona.errors import RagPersonaError
+from rag_persona.evaluation.evaluate import resolve_adapter
 from rag_persona.generation import GenerationSettings, Reply, ReplyStream
 from rag_persona.prompts import MAX_HISTORY_TURNS, Persona, check_user_turn
+
+from .loading import Knowledge, Loader, ModelSlot, SearchAt
 
 RETRIEVAL_MODES = ("dense", "hybrid")
 CONTEXT_MODES = ("prompt", "xattn")
@@ -38,45 +42,6 @@ class EngineBusy(RagPersonaError):
 
 class Cancelled(RagPersonaError):
     """The job was cancelled before it finished."""
-
-
-# -- retrieval ---------------------------------------------------------------------------------------
-class SearchAt:
-    """A library retriever applied at a given threshold and k (None: the retriever's own, tuned or default).
-
-    One `Retriever` per mode is shared, so its lexical index is built once; moving the threshold slider
-    only changes the arguments of `search`.
-    """
-
-    def __init__(self, retriever, threshold: float | None = None, k: int | None = None):
-        self.retriever = retriever
-        self.mode = retriever.mode
-        self.threshold = float(retriever.threshold if threshold is None else threshold)
-        self.k = int(retriever.k if k is None else k)
-
-    def search(self, query: str) -> list:
-        return self.retriever.search(query, threshold=self.threshold, k=self.k)
-
-    def settings(self) -> dict:
-        source = getattr(self.retriever, "threshold_source", None)
-        return {"mode": self.mode, "threshold": self.threshold, "k": self.k, "threshold_source": source}
-
-
-@dataclass
-class _Hit:
-    fact_id: str
-    text: str
-    score: float
-
-
-class _Retrieved:
-    """Hands already-retrieved facts to a library turn (so a job's facts are never retrieved twice)."""
-
-    def __init__(self, facts):
-        self.hits = [_Hit(f.id, f.text, f.score) for f in facts]
-
-    def search(self, query: str) -> list[_Hit]:
-        return list(self.hits)
 
 
 # -- generation that can be stopped ------------------------------------------------------------------
@@ -107,6 +72,23 @@ class _CancellableSettings(GenerationSettings):
         return kwargs
 
 
+@dataclass
+class _Hit:
+    fact_id: str
+    text: str
+    score: float
+
+
+class _Retrieved:
+    """Hands already-retrieved facts to a library turn (so a job's facts are never retrieved twice)."""
+
+    def __init__(self, facts):
+        self.hits = [_Hit(f.id, f.text, f.score) for f in facts]
+
+    def search(self, query: str) -> list[_Hit]:
+        return list(self.hits)
+
+
 # -- jobs -----------------------------------------------------------------------------------------------
 @dataclass
 class TurnOptions:
@@ -129,8 +111,23 @@ class TurnOptions:
             raise RagPersonaError(f"k must be between 1 and 50, got {self.k}")
 
 
+def options_from(
+    mode: str | None = None,
+    threshold: float | None = None,
+    k: int | None = None,
+    context_mode: str = "prompt",
+    **generation,
+) -> TurnOptions:
+    base = GenerationSettings()
+    gen = replace(base, **{k_: v for k_, v in generation.items() if v is not None})
+    return TurnOptions(mode=mode, threshold=threshold, k=k, context_mode=context_mode, generation=gen)
+
+
 class Job:
-    """One queued unit of work; its events are private to the caller that submitted it."""
+    """One queued unit of work; its events are private to the caller that submitted it.
+
+    `fn` runs on the model's worker thread; a "turn" job reports its result as a `done` event.
+    """
 
     _ids = itertools.count(1)
 
@@ -194,34 +191,81 @@ class Job:
         return self.result
 
 
+# -- the queue -------------------------------------------------------------------------------------------
+class JobQueue:
+    """First come, first served on one worker thread, the only thread that touches the model."""
+
+    def __init__(self, max_waiting: int = DEFAULT_MAX_WAITING):
+        self.max_waiting = max_waiting
+        self._cv = threading.Condition()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._running: Job | None = None
+        self._served = 0
+        self._worker = threading.Thread(target=self._work, name="rag-persona-model", daemon=True)
+        self._worker.start()
+
+    def stats(self) -> dict:
+        with self._cv:
+            waiting, busy = len(self._pending), self._running is not None
+        return {"waiting": waiting, "busy": busy, "served": self._served, "limit": self.max_waiting}
+
+    def put(self, job: Job) -> Job:
+        """Queue a job, or refuse it with EngineBusy when max_waiting jobs already wait."""
+        with self._cv:
+            if len(self._pending) >= self.max_waiting:
+                raise EngineBusy(
+                    f"busy: {len(self._pending)} requests are already waiting for the model "
+                    f"(limit {self.max_waiting}); try again shortly"
+                )
+            self._pending.append(job)
+            job.put("queued", len(self._pending) - 1 + (self._running is not None))
+            self._cv.notify_all()
+        return job
+
+    def run_exclusive(self, fn: Callable[[], object], timeout: float = 1800.0):
+        """Run fn on the worker (nothing generates meanwhile) and return its result."""
+        job = Job("call", fn=fn)
+        with self._cv:  # control jobs are never refused for a full queue
+            self._pending.append(job)
+            self._cv.notify_all()
+        return job.wait(timeout)
+
+    def close(self) -> None:
+        with self._cv:
+            for job in self._pending:
+                job.cancel()
+
+    def _next(self) -> Job:
+        with self._cv:
+            while not self._pending:
+                self._cv.wait()
+            job = self._pending.popleft()
+            self._running = job
+            for i, waiting in enumerate(self._pending):
+                waiting.put("queued", i + 1)
+        return job
+
+    def _work(self) -> None:
+        while True:
+            job = self._next()
+            try:
+                if job.cancelled:
+                    raise Cancelled("cancelled while waiting")
+                job.result = job.fn()
+                if job.kind == "turn":
+                    job.put("done", job.result)
+            except BaseException as exc:  # noqa: BLE001 - every failure is reported to the job's owner
+                what = "generation" if job.kind == "turn" else "model"
+                job.error = exc if isinstance(exc, RagPersonaError) else RagPersonaError(f"{what}: {exc}")
+                job.put("error", job.error)
+            finally:
+                with self._cv:
+                    self._running = None
+                    self._served += job.kind == "turn"
+                job.done.set()
+
+
 # -- the engine ----------------------------------------------------------------------------------------
-Loader = Callable[..., object]
-
-
-def _default_loader(name, adapter=None, progress=print):
-    from rag_persona.generation import load_causal_lm
-
-    return load_causal_lm(name, adapter=adapter, progress=progress)
-
-
-def resolve_default_adapter(model: str | None, adapter: str | None) -> str | None:
-    """An explicit adapter ('none' for the base model), else the chat's default adapter for this model."""
-    try:
-        from rag_persona.evaluation.evaluate import resolve_adapter
-    except ImportError:  # the default-adapter logic lives with evaluation; absent → no adapter
-        return None if adapter in (None, "", "none", "base") else adapter
-    return resolve_adapter(model, adapter)
-
-
-def xattn_weights_path(weights: str | Path | None = None) -> Path | None:
-    try:
-        from rag_persona.xattn import DEFAULT_ADAPTER_DIR, WEIGHTS_FILE
-    except ImportError:
-        return None
-    path = Path(weights) if weights else DEFAULT_ADAPTER_DIR
-    return path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
-
-
 class Engine:
     """The persona, its index, and one model behind a FIFO generation queue."""
 
@@ -238,68 +282,50 @@ class Engine:
         max_waiting: int = DEFAULT_MAX_WAITING,
         progress: Callable[[str], None] = print,
     ):
-        from rag_persona.retrieval.store import default_store, load_index
-
         self.progress = progress
         self.persona = persona if isinstance(persona, Persona) else default_persona(persona)
-        if store is None:
-            store = load_index(index) if index else default_store(None, log=progress)
-        self.store = store
-        self.loader = loader or _default_loader
-        self.max_waiting = max_waiting
-        self.model_name = model
-        self.adapter = resolve_default_adapter(model, adapter)
-        self.loaded = self.loader(model, adapter=self.adapter, progress=progress)
-        self._store_lock = threading.RLock()
-        self._retrievers: dict[str | None, object] = {}  # one library Retriever per mode
-        self._cv = threading.Condition()
-        self._pending: collections.deque[Job] = collections.deque()
-        self._running: Job | None = None
-        self._served = 0
-        self._xattn_weights = xattn_weights
-        self._xattn = None
-        self._xattn_reason = self._check_xattn()
-        self._worker = threading.Thread(target=self._work, name="rag-persona-model", daemon=True)
-        self._worker.start()
+        self.knowledge = Knowledge(store, index, progress=progress)
+        self.slot = ModelSlot(model, adapter, loader=loader, xattn_weights=xattn_weights, progress=progress)
+        self.jobs = JobQueue(max_waiting)
 
-    # -- status ----------------------------------------------------------------------------------------
-    def _check_xattn(self) -> str | None:
-        """None when cross-attention weights exist for use; otherwise why the mode is unavailable."""
-        path = xattn_weights_path(self._xattn_weights)
-        if path is None:
-            return "rag_persona.xattn.model is not installed in this build"
-        if not path.is_file():
-            return f"no trained cross-attention weights at {path} (train them: rag-persona train xattn)"
-        from rag_persona.xattn import decoder_layers
+    # -- what is served --------------------------------------------------------------------------------
+    @property
+    def store(self):
+        return self.knowledge.store
 
-        try:  # a model without a Llama/Qwen2-style layer stack can never take the blocks
-            decoder_layers(self.loaded.model)
-        except RagPersonaError as exc:
-            return str(exc)
-        return None
+    @property
+    def loaded(self):
+        return self.slot.loaded
+
+    @property
+    def model_name(self) -> str | None:
+        return self.slot.name
+
+    @property
+    def adapter(self) -> str | None:
+        return self.slot.adapter
+
+    @property
+    def max_waiting(self) -> int:
+        return self.jobs.max_waiting
+
+    @max_waiting.setter
+    def max_waiting(self, value: int) -> None:
+        self.jobs.max_waiting = value
 
     @property
     def xattn_available(self) -> bool:
-        return self._xattn_reason is None
+        return self.slot.xattn_available
 
     @property
     def xattn_reason(self) -> str:
-        if self._xattn_reason:
-            return self._xattn_reason
-        state = "loaded" if self._xattn is not None else "loads on first use"
-        return f"weights at {xattn_weights_path(self._xattn_weights)} ({state})"
+        return self.slot.xattn_reason
 
     def model_label(self) -> str:
-        loaded = self.loaded
-        src = getattr(loaded, "source", None) or self.model_name or "?"
-        label = self.model_name or Path(str(src)).name
-        adapter = getattr(loaded, "adapter", None) or self.adapter
-        return f"{label} + {Path(adapter).name}" if adapter else label
+        return self.slot.label()
 
     def info(self) -> dict:
         loaded = self.loaded
-        with self._cv:
-            waiting, busy = len(self._pending), self._running is not None
         return {
             "persona": self.persona.name,
             "model": self.model_name or getattr(loaded, "source", None),
@@ -310,41 +336,36 @@ class Engine:
             "index": str(getattr(self.store, "path", None)),
             "facts": len(self.store.facts),
             "xattn": {"available": self.xattn_available, "reason": self.xattn_reason},
-            "queue": {"waiting": waiting, "busy": busy, "served": self._served, "limit": self.max_waiting},
+            "queue": self.jobs.stats(),
             "max_history_turns": MAX_HISTORY_TURNS,
         }
 
-    # -- retrieval ---------------------------------------------------------------------------------------
+    # -- retrieval and knowledge (ui.loading.Knowledge, under its lock) ----------------------------------
     def retriever(
         self, mode: str | None = None, threshold: float | None = None, k: int | None = None
     ) -> SearchAt:
-        """The library's retriever for this mode (index defaults: tuned threshold, stored k) at threshold/k."""
-        from rag_persona.retrieval.retriever import retriever_for
-
-        with self._store_lock:
-            base = self._retrievers.get(mode)
-            if base is None:
-                base = self._retrievers[mode] = retriever_for(self.store, mode=mode)
-            return SearchAt(base, threshold, k)
+        return self.knowledge.retriever(mode, threshold, k)
 
     def defaults(self, mode: str | None = None) -> dict:
-        """Mode, threshold (and its source: tuned/default) and k the index gives when controls are untouched."""
-        return self.retriever(mode).settings()
+        return self.knowledge.defaults(mode)
 
     def rankings(self, queries: Sequence[str], mode: str | None = None, depth: int = 50) -> list:
-        """Per query, (fact id, score) best first without a threshold: the input of threshold sweeps."""
-        with self._store_lock:
-            return self.retriever(mode).retriever.rankings(list(queries), depth)
+        return self.knowledge.rankings(queries, mode, depth)
 
     def search(self, query: str, mode=None, threshold=None, k=None) -> list:
-        with self._store_lock:
-            return list(self.retriever(mode, threshold, k).search(query))
+        return self.knowledge.search(query, mode, threshold, k)
+
+    def edit_store(self, action: str, payload) -> None:
+        self.knowledge.edit(action, payload)
+
+    def set_threshold(self, mode: str, value: float, info: dict | None = None) -> None:
+        self.knowledge.set_threshold(mode, value, info)
 
     def plan(self, history: Sequence[dict], user_turn: str, options: TurnOptions | None = None) -> TurnPlan:
         """Retrieval and the prompt for one turn, exactly as the model will get them."""
         options = options or TurnOptions()
         user_turn = check_user_turn(user_turn)
-        with self._store_lock:
+        with self.knowledge.lock:
             retriever = self.retriever(options.mode, options.threshold, options.k)
             return plan_turn(
                 self.persona,
@@ -354,57 +375,21 @@ class Engine:
                 include_context=options.context_mode != "xattn",
             )
 
-    # -- knowledge edits ---------------------------------------------------------------------------------
-    def edit_store(self, action: str, payload) -> None:
-        """add (a fact dict), update (a fact dict) or delete (ids): atomic, persisted, index updated."""
-        with self._store_lock:
-            if action == "add":
-                self.store.add_facts([payload])
-            elif action == "update":
-                self.store.update_fact(payload)
-            elif action == "delete":
-                self.store.delete_facts(payload)
-            else:
-                raise RagPersonaError(f"knowledge: unknown action {action!r}")
-            self._retrievers.clear()  # retrievers hold per-store tables: rebuild after a change
-
-    def set_threshold(self, mode: str, value: float, info: dict | None = None) -> None:
-        with self._store_lock:
-            self.store.set_threshold(mode, value, info)
-            if getattr(self.store, "path", None) is not None:
-                self.store.save()
-            self._retrievers.clear()  # retrievers hold per-store tables: rebuild after a change
-
-    # -- the queue ---------------------------------------------------------------------------------------
-    def _enqueue(self, job: Job) -> Job:
-        with self._cv:
-            if len(self._pending) >= self.max_waiting:
-                raise EngineBusy(
-                    f"busy: {len(self._pending)} requests are already waiting for the model "
-                    f"(limit {self.max_waiting}); try again shortly"
-                )
-            self._pending.append(job)
-            job.put("queued", len(self._pending) - 1 + (self._running is not None))
-            self._cv.notify_all()
-        return job
-
+    # -- generation ----------------------------------------------------------------------------------------
     def submit(self, history: Sequence[dict], user_turn: str, options: TurnOptions | None = None) -> Job:
         """Plan now (so the context is known at once), generate when the model is free."""
         options = options or TurnOptions()
         if options.context_mode == "xattn" and not self.xattn_available:
-            raise RagPersonaError(f"cross-attention mode is unavailable: {self._xattn_reason}")
+            raise RagPersonaError(f"cross-attention mode is unavailable: {self.xattn_reason}")
         plan = self.plan(history, user_turn, options)
         job = Job("turn", plan=plan, options=options)
+        job.fn = functools.partial(self._generate, job)
         job.history, job.user_turn = list(history), check_user_turn(user_turn)
-        return self._enqueue(job)
+        return self.jobs.put(job)
 
     def run_exclusive(self, fn: Callable[[], object], timeout: float = 1800.0):
         """Run fn on the model worker (nothing generates meanwhile) and return its result."""
-        job = Job("call", fn=fn)
-        with self._cv:  # control jobs are never refused for a full queue
-            self._pending.append(job)
-            self._cv.notify_all()
-        return job.wait(timeout)
+        return self.jobs.run_exclusive(fn, timeout)
 
     def respond(self, history: Sequence[dict], user_turn: str, options: TurnOptions | None = None):
         """(plan, Reply) for one turn, blocking."""
@@ -414,37 +399,12 @@ class Engine:
                 raise value
         return job.plan, job.result
 
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self._pending:
-                    self._cv.wait()
-                job = self._pending.popleft()
-                self._running = job
-                for i, waiting in enumerate(self._pending):
-                    waiting.put("queued", i + 1)
-            try:
-                if job.cancelled:
-                    raise Cancelled("cancelled while waiting")
-                job.result = job.fn() if job.kind == "call" else self._generate(job)
-                if job.kind == "turn":
-                    job.put("done", job.result)
-            except BaseException as exc:  # noqa: BLE001 - every failure is reported to the job's owner
-                what = "generation" if job.kind == "turn" else "model"
-                job.error = exc if isinstance(exc, RagPersonaError) else RagPersonaError(f"{what}: {exc}")
-                job.put("error", job.error)
-            finally:
-                with self._cv:
-                    self._running = None
-                    self._served += job.kind == "turn"
-                job.done.set()
-
     def _generate(self, job: Job) -> Reply:
         opts = job.options
         settings = _CancellableSettings(**vars(opts.generation), cancel=job.cancel_event)
         if opts.context_mode == "xattn":
             # the library's cross-attention turn, fed the facts already retrieved for this job
-            xchat = self._xattn_chat()
+            xchat = self.slot.xattn_chat(self.store, self.persona)
             xchat.retriever, xchat.settings = _Retrieved(job.plan.context), settings
             plan, stream = xchat.stream(job.history, job.user_turn)
             if plan.messages != job.plan.messages:  # pragma: no cover - the builder is deterministic
@@ -459,58 +419,15 @@ class Engine:
             raise Cancelled("cancelled while generating")
         return stream.reply
 
-    # -- model and cross-attention -----------------------------------------------------------------------
-    def _xattn_chat(self):
-        """Attach the trained cross-attention blocks to the shared model once (on the worker thread)."""
-        if self._xattn is not None:
-            return self._xattn
-        if self._xattn_reason:
-            raise RagPersonaError(f"cross-attention mode is unavailable: {self._xattn_reason}")
-        from rag_persona.xattn import xattn_chat_for
-
-        try:
-            self._xattn = xattn_chat_for(
-                self.loaded,
-                self.store,
-                None,
-                self.persona,
-                weights=xattn_weights_path(self._xattn_weights),
-                progress=self.progress,
-            )
-        except RagPersonaError as exc:  # e.g. weights trained on another base: the mode stays off
-            self._xattn_reason = str(exc)
-            raise
-        return self._xattn
-
     def switch_model(self, model: str | None, adapter: str | None = None) -> dict:
         """Load another model/adapter for everyone; the old one serves until the new one is ready."""
-        adapter = resolve_default_adapter(model, adapter)
+        adapter = resolve_adapter(model, adapter)
 
         def load():
-            loaded = self.loader(model, adapter=adapter, progress=self.progress)
-            old_x = self._xattn
-            self.loaded, self.model_name, self.adapter = loaded, model, adapter
-            self._xattn = None
-            if old_x is not None:
-                old_x.xmodel.remove_hooks()
-            self._xattn_reason = self._check_xattn()
+            self.slot.switch(model, adapter)
             return self.info()
 
         return self.run_exclusive(load)
 
     def close(self) -> None:
-        with self._cv:
-            for job in self._pending:
-                job.cancel()
-
-
-def options_from(
-    mode: str | None = None,
-    threshold: float | None = None,
-    k: int | None = None,
-    context_mode: str = "prompt",
-    **generation,
-) -> TurnOptions:
-    base = GenerationSettings()
-    gen = replace(base, **{k_: v for k_, v in generation.items() if v is not None})
-    return TurnOptions(mode=mode, threshold=threshold, k=k, context_mode=context_mode, generation=gen)
+        self.jobs.close()

@@ -1,0 +1,193 @@
+"""What the engine serves: the persona's fact store with its retrievers, and the one loaded model.
+
+`Knowledge` owns the store and one library retriever per mode behind one lock, so a search never sees a
+half-rebuilt index. `ModelSlot` owns the loaded model and adapter and, attached on first use, the trained
+cross-attention blocks. Neither schedules anything: the engine (ui.engine) decides when they are used.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rag_persona.errors import RagPersonaError
+from rag_persona.evaluation.evaluate import resolve_adapter, shipped_adapters
+from rag_persona.generation import load_causal_lm
+from rag_persona.retrieval.retriever import retriever_for
+from rag_persona.retrieval.store import open_store
+from rag_persona.xattn import DEFAULT_ADAPTER_DIR, WEIGHTS_FILE, decoder_layers, xattn_chat_for
+
+Loader = Callable[..., object]
+
+
+# -- the store and its retrievers ----------------------------------------------------------------------------
+class SearchAt:
+    """A library retriever applied at a given threshold and k (None: the retriever's own, tuned or default).
+
+    One `Retriever` per mode is shared, so its lexical index is built once; moving the threshold slider
+    only changes the arguments of `search`.
+    """
+
+    def __init__(self, retriever, threshold: float | None = None, k: int | None = None):
+        self.retriever = retriever
+        self.mode = retriever.mode
+        self.threshold = float(retriever.threshold if threshold is None else threshold)
+        self.k = int(retriever.k if k is None else k)
+
+    def search(self, query: str) -> list:
+        return self.retriever.search(query, threshold=self.threshold, k=self.k)
+
+    def settings(self) -> dict:
+        source = getattr(self.retriever, "threshold_source", None)
+        return {"mode": self.mode, "threshold": self.threshold, "k": self.k, "threshold_source": source}
+
+
+class Knowledge:
+    """The fact store and one library retriever per mode; edits and searches share one lock."""
+
+    def __init__(self, store=None, index: str | Path | None = None, progress: Callable[[str], None] = print):
+        self.store = store if store is not None else open_store(index, log=progress)
+        self.lock = threading.RLock()
+        self._retrievers: dict[str | None, object] = {}
+
+    def retriever(
+        self, mode: str | None = None, threshold: float | None = None, k: int | None = None
+    ) -> SearchAt:
+        """The library's retriever for this mode (index defaults: tuned threshold, stored k) at threshold/k."""
+        with self.lock:
+            base = self._retrievers.get(mode)
+            if base is None:
+                base = self._retrievers[mode] = retriever_for(self.store, mode=mode)
+            return SearchAt(base, threshold, k)
+
+    def defaults(self, mode: str | None = None) -> dict:
+        """Mode, threshold (and its source: tuned/default) and k the index gives when controls are untouched."""
+        return self.retriever(mode).settings()
+
+    def rankings(self, queries: Sequence[str], mode: str | None = None, depth: int = 50) -> list:
+        """Per query, (fact id, score) best first without a threshold: the input of threshold sweeps."""
+        with self.lock:
+            return self.retriever(mode).retriever.rankings(list(queries), depth)
+
+    def search(self, query: str, mode=None, threshold=None, k=None) -> list:
+        with self.lock:
+            return list(self.retriever(mode, threshold, k).search(query))
+
+    def edit(self, action: str, payload) -> None:
+        """add (a fact dict), update (a fact dict) or delete (ids): atomic, persisted, index updated."""
+        with self.lock:
+            if action == "add":
+                self.store.add_facts([payload])
+            elif action == "update":
+                self.store.update_fact(payload)
+            elif action == "delete":
+                self.store.delete_facts(payload)
+            else:
+                raise RagPersonaError(f"knowledge: unknown action {action!r}")
+            self._retrievers.clear()  # retrievers hold per-store tables: rebuild after a change
+
+    def set_threshold(self, mode: str, value: float, info: dict | None = None) -> None:
+        with self.lock:
+            self.store.set_threshold(mode, value, info)
+            if getattr(self.store, "path", None) is not None:
+                self.store.save()
+            self._retrievers.clear()  # retrievers hold per-store tables: rebuild after a change
+
+
+# -- the model ---------------------------------------------------------------------------------------------
+def xattn_weights_path(weights: str | Path | None = None) -> Path:
+    path = Path(weights) if weights else DEFAULT_ADAPTER_DIR
+    return path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
+
+
+def shipped_adapter_paths() -> list[str]:
+    """The adapters shipped in the repo, for the page's adapter choice (none when a manifest is unreadable)."""
+    try:
+        return [a["path"] for a in shipped_adapters()]
+    except RagPersonaError:
+        return []
+
+
+def _default_loader(name, adapter=None, progress=print):
+    return load_causal_lm(name, adapter=adapter, progress=progress)
+
+
+class ModelSlot:
+    """The loaded model and adapter, and the cross-attention blocks attached to it on first use."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        adapter: str | None = None,
+        *,
+        loader: Loader | None = None,
+        xattn_weights: str | Path | None = None,
+        progress: Callable[[str], None] = print,
+    ):
+        self.loader = loader or _default_loader
+        self.progress = progress
+        self.name = model
+        self.adapter = resolve_adapter(model, adapter)  # 'none': the base model; None: the chat's default
+        self.loaded = self.loader(model, adapter=self.adapter, progress=progress)
+        self._xattn_weights = xattn_weights
+        self._xattn = None
+        self._xattn_reason = self._check_xattn()
+
+    def _check_xattn(self) -> str | None:
+        """None when cross-attention weights exist for use; otherwise why the mode is unavailable."""
+        path = xattn_weights_path(self._xattn_weights)
+        if not path.is_file():
+            return f"no trained cross-attention weights at {path} (train them: rag-persona train xattn)"
+        try:  # a model without a Llama/Qwen2-style layer stack can never take the blocks
+            decoder_layers(self.loaded.model)
+        except RagPersonaError as exc:
+            return str(exc)
+        return None
+
+    @property
+    def xattn_available(self) -> bool:
+        return self._xattn_reason is None
+
+    @property
+    def xattn_reason(self) -> str:
+        if self._xattn_reason:
+            return self._xattn_reason
+        state = "loaded" if self._xattn is not None else "loads on first use"
+        return f"weights at {xattn_weights_path(self._xattn_weights)} ({state})"
+
+    def label(self) -> str:
+        src = getattr(self.loaded, "source", None) or self.name or "?"
+        label = self.name or Path(str(src)).name
+        adapter = getattr(self.loaded, "adapter", None) or self.adapter
+        return f"{label} + {Path(adapter).name}" if adapter else label
+
+    def xattn_chat(self, store, persona):
+        """Attach the trained cross-attention blocks to the model once (call it on the model's thread)."""
+        if self._xattn is not None:
+            return self._xattn
+        if self._xattn_reason:
+            raise RagPersonaError(f"cross-attention mode is unavailable: {self._xattn_reason}")
+        try:
+            self._xattn = xattn_chat_for(
+                self.loaded,
+                store,
+                None,
+                persona,
+                weights=xattn_weights_path(self._xattn_weights),
+                progress=self.progress,
+            )
+        except RagPersonaError as exc:  # e.g. weights trained on another base: the mode stays off
+            self._xattn_reason = str(exc)
+            raise
+        return self._xattn
+
+    def switch(self, model: str | None, adapter: str | None) -> None:
+        """Load model + adapter (already resolved), then swap it in; the old one serves until then."""
+        loaded = self.loader(model, adapter=adapter, progress=self.progress)
+        old_x = self._xattn
+        self.loaded, self.name, self.adapter = loaded, model, adapter
+        self._xattn = None
+        if old_x is not None:
+            old_x.xmodel.remove_hooks()
+        self._xattn_reason = self._check_xattn()

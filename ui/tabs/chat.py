@@ -1,0 +1,409 @@
+"""The Chat tab: the conversation, the context each reply saw, retrieval/decoding settings, the model switch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import gradio as gr
+
+from rag_persona.errors import RagPersonaError
+from rag_persona.generation import BUNDLED, GenerationSettings
+from rag_persona.prompts import MAX_HISTORY_TURNS, MAX_USER_CHARS, check_user_turn
+
+from ..engine import RETRIEVAL_MODES, EngineBusy, Job, TurnOptions, options_from
+from ..loading import shipped_adapter_paths
+from .common import (
+    Named,
+    Page,
+    chat_messages,
+    describe_settings,
+    facts_html,
+    history_of,
+    rendered_prompt,
+    reply_info,
+    turn_context_html,
+)
+
+MAX_STORED_TURNS = 200  # a conversation longer than this must be cleared (the model only sees the last 8)
+PREVIEW_CAPTION = "For the last message (or the text being typed)."
+
+
+@dataclass
+class Controls:
+    """The settings row's values for one turn (field order = the inputs' order)."""
+
+    mode: str
+    threshold: float
+    k: int
+    context_mode: str
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    seed: int | None
+
+    def options(self) -> TurnOptions:
+        return options_from(
+            self.mode,
+            float(self.threshold),
+            int(self.k),
+            self.context_mode,
+            max_new_tokens=int(self.max_new_tokens),
+            do_sample=bool(self.do_sample),
+            temperature=float(self.temperature),
+            top_p=float(self.top_p),
+            repetition_penalty=float(self.repetition_penalty),
+            seed=int(self.seed) if self.seed else None,
+        )
+
+    def shown(self) -> dict:
+        """The retrieval settings a reply is labelled with."""
+        return {
+            "mode": self.mode,
+            "threshold": float(self.threshold),
+            "k": int(self.k),
+            "context_mode": self.context_mode,
+        }
+
+
+@dataclass
+class ChatTab:
+    """The tab's components; the tuning tab writes `mode` and `threshold`, a model switch `context_mode`."""
+
+    chatbot: Any
+    turns: Any
+    msg: Any
+    send: Any
+    regen: Any
+    stop: Any
+    clear: Any
+    status: Any
+    context: Any
+    prompt: Any
+    preview: Any
+    mode: Any
+    threshold: Any
+    k: Any
+    context_mode: Any
+    max_new_tokens: Any
+    repetition_penalty: Any
+    do_sample: Any
+    temperature: Any
+    top_p: Any
+    seed: Any
+    model_box: Any
+    adapter_box: Any
+    load_btn: Any
+    model_status: Any
+
+    def controls(self) -> Named:
+        return Named(**{f.name: getattr(self, f.name) for f in fields(Controls)})
+
+
+# -- layout ----------------------------------------------------------------------------------------------
+def _conversation(page: Page) -> dict:
+    persona = page.persona
+    c = {}
+    c["chatbot"] = gr.Chatbot(
+        value=[{"role": "assistant", "content": persona.greeting}] if persona.greeting else [],
+        label=persona.name,
+        show_label=False,  # the header names her; the label badge covered the greeting
+        elem_id="chatbot",
+        height=460,
+        buttons=["copy"],
+        feedback_options=None,
+        placeholder="ごきげんよう。何でもお話しくださいませ。",
+    )
+    with gr.Row():
+        c["msg"] = gr.Textbox(
+            placeholder=f"メッセージ（{MAX_USER_CHARS}文字まで）",
+            show_label=False,
+            scale=5,
+            elem_id="msg",
+            autofocus=True,
+        )
+        c["send"] = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+    with gr.Row():
+        c["regen"] = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+        c["stop"] = gr.Button("Stop", size="sm", elem_id="stop")
+        c["clear"] = gr.Button("Clear", size="sm", elem_id="clear")
+    c["status"] = gr.Markdown("", elem_id="status")
+    return c
+
+
+def _context_column() -> dict:
+    c = {}
+    gr.Markdown("### Context the model saw")
+    c["context"] = gr.HTML(turn_context_html(None), elem_id="context-panel")
+    gr.Markdown("<small>Click a reply to see its own context.</small>")
+    with gr.Accordion("Prompt as the model saw it", open=False):
+        c["prompt"] = gr.Code("", language=None, lines=12, elem_id="prompt-code", wrap_lines=True)
+    gr.Markdown("### Retrieval preview at the current settings")
+    c["preview"] = gr.HTML(facts_html([], PREVIEW_CAPTION, "Nothing yet."), elem_id="preview-panel")
+    return c
+
+
+def _xattn_info(engine) -> str:
+    if engine.xattn_available:
+        return "Cross-attention: " + engine.xattn_reason
+    return f"Cross-attention is disabled: {engine.xattn_reason}"
+
+
+def _settings(page: Page) -> dict:
+    engine, mode, gen = page.engine, page.default_mode, GenerationSettings()
+    c = {}
+    with gr.Row():
+        c["mode"] = gr.Radio(list(RETRIEVAL_MODES), value=mode, label="Retrieval mode", elem_id="mode")
+        c["threshold"] = gr.Slider(
+            0.0,
+            1.0,
+            value=page.threshold_for(mode),
+            step=0.001,
+            label="Threshold",
+            info=page.threshold_info(mode),
+            elem_id="threshold",
+        )
+        c["k"] = gr.Slider(1, 20, value=page.default_k, step=1, label="k (at most)", elem_id="k")
+    with gr.Row():
+        c["context_mode"] = gr.Radio(
+            [("prompt", "prompt"), ("cross-attention", "xattn")],
+            value="prompt",
+            label="Context mode",
+            info=_xattn_info(engine),
+            interactive=engine.xattn_available,
+            elem_id="context-mode",
+        )
+        c["max_new_tokens"] = gr.Slider(8, 512, value=gen.max_new_tokens, step=8, label="max new tokens")
+        c["repetition_penalty"] = gr.Slider(
+            1.0, 1.5, value=gen.repetition_penalty, step=0.01, label="repetition penalty"
+        )
+    with gr.Row():
+        c["do_sample"] = gr.Checkbox(value=gen.do_sample, label="sample (otherwise greedy)")
+        c["temperature"] = gr.Slider(0.05, 2.0, value=gen.temperature, step=0.05, label="temperature")
+        c["top_p"] = gr.Slider(0.05, 1.0, value=gen.top_p, step=0.05, label="top-p")
+        c["seed"] = gr.Number(value=0, precision=0, minimum=0, label="seed (0: none)")
+    return c
+
+
+def _model_row(page: Page) -> dict:
+    engine = page.engine
+    c = {}
+    with gr.Row():
+        current = engine.model_name or next(iter(BUNDLED))
+        c["model_box"] = gr.Dropdown(
+            sorted({*BUNDLED, current}),
+            value=current,
+            allow_custom_value=True,
+            label="Model (bundled alias, hub id or folder) — shared by everyone",
+            scale=3,
+        )
+        c["adapter_box"] = gr.Dropdown(
+            ["default", "none", *shipped_adapter_paths()],
+            value="default",
+            allow_custom_value=True,
+            label="Adapter (default: the chat's default for this model)",
+            scale=3,
+        )
+        c["load_btn"] = gr.Button("Load model", scale=1)
+    c["model_status"] = gr.Markdown(f"Loaded: `{engine.model_label()}`")
+    return c
+
+
+def build(page: Page, turns: Any) -> ChatTab:
+    """The tab's layout and events; `turns` is the session's conversation (a gr.State)."""
+    c: dict = {"turns": turns}
+    with gr.Tab("Chat", id="chat-tab"):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                c.update(_conversation(page))
+            with gr.Column(scale=2):
+                c.update(_context_column())
+        with gr.Accordion("Settings", open=True):
+            c.update(_settings(page))
+            c.update(_model_row(page))
+    tab = ChatTab(**c)
+    ChatCallbacks(page, tab).wire()
+    return tab
+
+
+# -- callbacks -------------------------------------------------------------------------------------------
+class ChatCallbacks:
+    """The chat's event handlers; each returns its outputs by name (see `Named`)."""
+
+    def __init__(self, page: Page, tab: ChatTab):
+        self.page, self.engine, self.tab = page, page.engine, tab
+        self.greeting = page.persona.greeting
+        self.controls = tab.controls()
+        self.out = Named(
+            chatbot=tab.chatbot,
+            turns=tab.turns,
+            msg=tab.msg,
+            context=tab.context,
+            prompt=tab.prompt,
+            preview=tab.preview,
+            status=tab.status,
+        )
+        self.cleared = Named(**{n: getattr(tab, n) for n in self.out.names if n != "preview"})
+        self.selected = Named(context=tab.context, prompt=tab.prompt)
+        self.switched = Named(
+            model_status=tab.model_status, header=page.header, context_mode=tab.context_mode
+        )
+
+    def _submit(self, message, turns: list[dict], controls: Controls) -> tuple[str, Job]:
+        text = check_user_turn(message or "")
+        if len(turns) >= MAX_STORED_TURNS:
+            raise RagPersonaError(
+                f"conversation: {len(turns)} exchanges, the limit is {MAX_STORED_TURNS}; press Clear"
+            )
+        return text, self.engine.submit(history_of(turns), text, controls.options())
+
+    def run_turn(self, message, turns, *ctl, unchanged=None) -> Iterator[tuple]:
+        """Stream one turn. A refused turn leaves the conversation as it was (`unchanged`, for a regenerate)."""
+        turns = list(turns or [])
+        controls = Controls(**self.controls.read(ctl))
+        try:
+            text, job = self._submit(message, turns, controls)
+        except (RagPersonaError, EngineBusy) as exc:
+            gr.Warning(str(exc))
+            yield self.out.values(turns=turns if unchanged is None else unchanged, status=f"⚠️ {exc}")
+            return
+        turn = {
+            "user": text,
+            "assistant": "",
+            "context": [{"id": f.id, "text": f.text, "score": float(f.score)} for f in job.plan.context],
+            "messages": job.plan.messages,
+            "settings": controls.shown(),
+        }
+        turns.append(turn)
+        earlier = len(turns) - 1 - MAX_HISTORY_TURNS
+        note = (
+            f" The model sees the last {MAX_HISTORY_TURNS} exchanges; {earlier} earlier ones are not sent."
+            if earlier > 0
+            else ""
+        )
+        yield self.out.values(
+            chatbot=chat_messages(turns, self.greeting),
+            turns=turns,
+            msg="",
+            context=turn_context_html(turn, len(turns)),
+            prompt=rendered_prompt(self.engine, job.plan.messages),
+            status="…" + note,
+        )
+        yield from self._stream(job, turns, turn, note)
+
+    def _stream(self, job: Job, turns: list[dict], turn: dict, note: str) -> Iterator[tuple]:
+        for kind, value in job.events():
+            if kind == "queued" and value:
+                yield self.out.values(turns=turns, status=f"waiting for the model: {value} ahead…{note}")
+            elif kind == "piece":
+                turn["assistant"] += value
+                yield self.out.values(chatbot=chat_messages(turns, self.greeting), turns=turns)
+            elif kind == "error":
+                turn["assistant"] = turn["assistant"] or "（応答を生成できませんでした）"
+                turn["error"] = str(value)
+                yield self.out.values(
+                    chatbot=chat_messages(turns, self.greeting), turns=turns, status=f"⚠️ {value}"
+                )
+            elif kind == "done":
+                turn["assistant"] = value.text
+                turn["info"] = reply_info(value)
+                yield self.out.values(
+                    chatbot=chat_messages(turns, self.greeting), turns=turns, status=turn["info"] + note
+                )
+
+    def regenerate(self, turns, *ctl) -> Iterator[tuple]:
+        turns = list(turns or [])
+        if not turns:
+            gr.Warning("Nothing to regenerate yet.")
+            yield self.out.values(turns=turns, status="Nothing to regenerate.")
+            return
+        yield from self.run_turn(turns[-1]["user"], turns[:-1], *ctl, unchanged=turns)
+
+    def clear_chat(self) -> tuple:
+        return self.cleared.values(
+            chatbot=[{"role": "assistant", "content": self.greeting}] if self.greeting else [],
+            turns=[],
+            msg="",
+            context=turn_context_html(None),
+            prompt="",
+            status="Cleared.",
+        )
+
+    def show_selected(self, turns, evt: gr.SelectData):
+        turns = turns or []
+        index = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else 0)
+        offset = 1 if self.greeting else 0
+        number = (int(index) - offset) // 2
+        if not 0 <= number < len(turns):
+            return self.selected.values()
+        t = turns[number]
+        return self.selected.values(
+            context=turn_context_html(t, number + 1), prompt=rendered_prompt(self.engine, t["messages"])
+        )
+
+    def preview(self, message, turns, mode, th, k, cmode) -> str:
+        text = (message or "").strip() or (turns[-1]["user"] if turns else "")
+        if not text:
+            return facts_html([], PREVIEW_CAPTION, "Nothing yet.")
+        try:
+            hits = self.engine.search(text, mode, float(th), int(k))
+        except RagPersonaError as exc:
+            return facts_html([], f"Preview failed: {exc}", "—")
+        facts = [{"id": h.fact_id, "text": h.text, "score": float(h.score)} for h in hits]
+        shown = {"mode": mode, "threshold": float(th), "k": int(k), "context_mode": cmode}
+        caption = f"「{text[:40]}」 · {describe_settings(shown)}"
+        return facts_html(facts, caption, "No fact scores above this threshold.", elem_class="ctx preview")
+
+    def on_mode(self, mode):
+        return gr.update(value=self.page.threshold_for(mode), info=self.page.threshold_info(mode))
+
+    def load_model(self, name, adapter):
+        engine, page = self.engine, self.page
+        name = (name or "").strip() or None
+        adapter = None if adapter in (None, "", "default") else adapter
+        try:
+            gr.Info(f"Loading {name or 'the default model'}… everyone waits until it is ready.")
+            engine.switch_model(name, adapter)
+        except RagPersonaError as exc:
+            gr.Warning(str(exc))
+            return self.switched.values(
+                model_status=f"⚠️ {exc} (still serving `{engine.model_label()}`)", header=page.header_md()
+            )
+        return self.switched.values(
+            model_status=f"Loaded: `{engine.model_label()}`",
+            header=page.header_md(),
+            context_mode=gr.update(
+                interactive=engine.xattn_available, value="prompt", info=_xattn_info(engine)
+            ),
+        )
+
+    # -- events ----------------------------------------------------------------------------------------------
+    def wire(self) -> None:
+        tab, out = self.tab, self.out
+        # one bound method for every preview event: Gradio groups events by function identity into one
+        # concurrency group (limit 4), as one closure did before
+        preview = self.preview
+        inputs = [tab.msg, tab.turns, *self.controls.components]
+        chat = {"concurrency_limit": 16, "concurrency_id": "chat"}
+        ev_send = tab.send.click(self.run_turn, inputs, out.components, **chat)
+        ev_submit = tab.msg.submit(self.run_turn, inputs, out.components, **chat)
+        ev_regen = tab.regen.click(
+            self.regenerate, [tab.turns, *self.controls.components], out.components, **chat
+        )
+        turns_events = [ev_send, ev_submit, ev_regen]
+        preview_inputs = [tab.msg, tab.turns, tab.mode, tab.threshold, tab.k, tab.context_mode]
+        for ev in turns_events:
+            ev.then(preview, preview_inputs, tab.preview)
+        tab.stop.click(None, None, None, cancels=turns_events)
+        tab.clear.click(self.clear_chat, None, self.cleared.components, cancels=turns_events)
+        tab.chatbot.select(self.show_selected, [tab.turns], self.selected.components)
+        # a user's switch of mode resets the threshold to that mode's tuned one
+        tab.mode.input(self.on_mode, tab.mode, tab.threshold)
+        for ctl in (tab.threshold, tab.k, tab.mode):
+            ctl.change(preview, preview_inputs, tab.preview, concurrency_limit=4, trigger_mode="always_last")
+        tab.load_btn.click(
+            self.load_model, [tab.model_box, tab.adapter_box], self.switched.components, concurrency_limit=1
+        )

@@ -1,0 +1,159 @@
+"""What the page's tabs share: the page state (engine, header, per-mode defaults), HTML renderers, named outputs."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ..engine import RETRIEVAL_MODES, Engine
+
+CONTEXT_LABELS = {"prompt": "prompt", "xattn": "cross-attention"}
+
+
+# -- callbacks by name -------------------------------------------------------------------------------------
+class Named:
+    """Components by name, so callbacks speak in names while Gradio gets and gives positional lists.
+
+    `components` is the inputs/outputs list; `values(**named)` is a callback's return value in that order
+    (a name left out is left unchanged: `gr.update()`); `read(args)` turns the positional inputs back
+    into a name → value dict.
+    """
+
+    def __init__(self, **components):
+        self.names = list(components)
+        self.components = list(components.values())
+
+    def values(self, **named) -> tuple:
+        unknown = set(named) - set(self.names)
+        if unknown:
+            raise TypeError(f"not among the outputs: {', '.join(sorted(unknown))}")
+        return tuple(named[n] if n in named else gr.update() for n in self.names)
+
+    def read(self, args) -> dict:
+        return dict(zip(self.names, args, strict=True))
+
+
+# -- the page ------------------------------------------------------------------------------------------------
+@dataclass
+class Page:
+    """The engine behind the page, the header every tab refreshes, and the retrieval defaults per mode."""
+
+    engine: Engine
+    mode_defaults: dict = field(default_factory=dict)
+    header: Any = None  # the gr.Markdown, created inside the Blocks
+
+    def __post_init__(self) -> None:
+        self.initial = self.engine.defaults()
+        self.refresh_defaults()
+
+    @property
+    def persona(self):
+        return self.engine.persona
+
+    @property
+    def default_mode(self) -> str:
+        mode = self.initial.get("mode")
+        return mode if mode in RETRIEVAL_MODES else "dense"
+
+    @property
+    def default_k(self) -> int:
+        return int(self.initial.get("k") or 5)
+
+    def refresh_defaults(self, mode: str | None = None) -> None:
+        """Re-read the index's defaults (all modes, or one after its threshold was saved)."""
+        for m in RETRIEVAL_MODES if mode is None else (mode,):
+            self.mode_defaults[m] = self.engine.defaults(m)
+
+    def threshold_for(self, mode: str) -> float:
+        return round(float(self.mode_defaults[mode]["threshold"]), 4)
+
+    def threshold_info(self, mode: str) -> str:
+        d = self.mode_defaults[mode]
+        source = {"tuned": "tuned on this index", "default": "library default, not tuned here"}.get(
+            d.get("threshold_source"), d.get("threshold_source") or "index"
+        )
+        return (
+            f"Facts scoring below it are not given to the model. For {mode}: {d['threshold']:.3f} ({source})."
+        )
+
+    def header_md(self) -> str:
+        engine, persona = self.engine, self.persona
+        info = engine.info()
+        adapter = f" + adapter `{Path(info['adapter']).name}`" if info.get("adapter") else ""
+        return (
+            f"## {persona.name}（{persona.reading}）とおしゃべり\n"
+            f"model `{engine.model_label()}`{adapter} on {info.get('device')} · "
+            f"{info['facts']} facts · queue: {info['queue']['waiting']} waiting"
+        )
+
+
+# -- rendering ---------------------------------------------------------------------------------------------
+def facts_html(facts: list[dict], caption: str, empty: str, elem_class: str = "ctx") -> str:
+    cap = f'<div class="ctx-caption">{html.escape(caption)}</div>'
+    if not facts:
+        return f'<div class="{elem_class}" data-count="0">{cap}<div class="ctx-empty">{html.escape(empty)}</div></div>'
+    rows = "".join(
+        f'<tr data-fact-id="{html.escape(f["id"])}"><td class="score">{f["score"]:.3f}</td>'
+        f'<td>{html.escape(f["text"])}</td><td class="fid">{html.escape(f["id"])}</td></tr>'
+        for f in facts
+    )
+    return (
+        f'<div class="{elem_class}" data-count="{len(facts)}">{cap}<table class="fact-table">'
+        f"<tr><th>score</th><th>fact</th><th>id</th></tr>{rows}</table></div>"
+    )
+
+
+def describe_settings(s: dict) -> str:
+    th = s.get("threshold")
+    th = "tuned" if th is None else f"{th:.3f}"
+    return f"{s.get('mode') or 'default'} retrieval, threshold {th}, k {s.get('k')}, context in the {CONTEXT_LABELS.get(s.get('context_mode'), 'prompt')}"
+
+
+def turn_context_html(turn: dict | None, number: int | None = None) -> str:
+    if not turn:
+        return facts_html(
+            [], "No reply yet.", "Send a message: the facts retrieved for each reply appear here."
+        )
+    where = (
+        "as cross-attention memory" if turn["settings"].get("context_mode") == "xattn" else "in the prompt"
+    )
+    label = f"Reply {number}" if number else "This reply"
+    caption = f"{label}: {len(turn['context'])} facts {where} · {describe_settings(turn['settings'])}"
+    return facts_html(
+        turn["context"], caption, "No fact scored above the threshold: the model got no context."
+    )
+
+
+def chat_messages(turns: list[dict], greeting: str = "") -> list[dict]:
+    """What the chat shows: the persona's greeting (display only, never sent), then the turns."""
+    out = [{"role": "assistant", "content": greeting}] if greeting else []
+    for t in turns:
+        out.append({"role": "user", "content": t["user"]})
+        if t.get("assistant") is not None:
+            out.append({"role": "assistant", "content": t["assistant"]})
+    return out
+
+
+def history_of(turns: list[dict]) -> list[dict]:
+    """The history the model gets: exchanges that produced a reply (failed ones are left out)."""
+    return [m for m in chat_messages([t for t in turns if not t.get("error")]) if m["content"]]
+
+
+def rendered_prompt(engine: Engine, messages: list[dict]) -> str:
+    tok = getattr(engine.loaded, "tokenizer", None)
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 - a tokenizer without a template: show the messages instead
+        return json.dumps(messages, ensure_ascii=False, indent=2)
+
+
+def reply_info(reply) -> str:
+    end = "EOS" if reply.ended_by_eos else "token limit"
+    ttft = f", first token {reply.first_token_seconds:.2f}s" if reply.first_token_seconds else ""
+    speed = reply.new_tokens / reply.seconds if reply.seconds else 0.0
+    return f"{reply.new_tokens} tokens in {reply.seconds:.1f}s ({speed:.1f} tok/s{ttft}), ended by {end}"
