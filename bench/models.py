@@ -11,9 +11,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rag_persona.generation import GenerationSettings, generate_reply
-from rag_persona.generation import LoadedModel
-from rag_persona.generation import BUNDLED, join_and_verify, prepare
+from rag_persona.generation import (
+    BUNDLED,
+    GenerationSettings,
+    LoadedModel,
+    generate_reply,
+    join_and_verify,
+    prepare,
+)
 
 PROMPTS = [
     "自己紹介を一文でしてください。",

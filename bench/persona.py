@@ -73,7 +73,7 @@ def checks(rows: list[tuple[str, dict]]) -> list[str]:
     return [f"{name}:"] + out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", default=str(ROOT / "runs/data/eval_prompts.jsonl"))
     ap.add_argument("--model", default=None, help="base model (default: the chat default)")
@@ -90,7 +90,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--reply-no-repeat-ngram", type=int, default=None, help="override the chat default (0: off)"
     )
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         import torch
 
@@ -100,8 +104,7 @@ def main(argv=None) -> int:
 
     from rag_persona.chat import PersonaChat, default_persona
     from rag_persona.evaluation.evaluate import default_adapter, evaluate_chat, load_prompts, open_retriever
-    from rag_persona.generation import GenerationSettings
-    from rag_persona.generation import load_causal_lm
+    from rag_persona.generation import GenerationSettings, load_causal_lm
 
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     dpo = args.dpo or default_adapter(args.model)

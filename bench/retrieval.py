@@ -12,7 +12,7 @@ Sections (one process, the same e5-small embeddings for every method):
    N unless --full-embed), index build (FAISS + save), load, and query latency of dense and hybrid.
 
     .venv/bin/python bench/retrieval.py [--out bench/results/retrieval.md] [--json FILE]
-    .venv/bin/python bench/retrieval.py --calibrate   # refit retrieve.CALIBRATION / DEFAULT_THRESHOLDS
+    .venv/bin/python bench/retrieval.py --calibrate   # refit calibration.CALIBRATION / DEFAULT_THRESHOLDS
 """
 
 from __future__ import annotations
@@ -30,17 +30,23 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_persona.retrieval.embedders import load_embedder
-from rag_persona.knowledge.facts import Fact, KnowledgeBase, load_knowledge, load_queries
-from rag_persona.retrieval.retriever import DEFAULT_K, LexicalIndex, RetrievalConfig, Retriever, retriever_for
-from rag_persona.settings import KNOWLEDGE_ROOT, REPO_ROOT
-from rag_persona.retrieval.store import _flat_index, build_store, load_index
-from rag_persona.retrieval.tuning import (
-    fit_calibration,
-    metrics_from_hits,
-    ranking_recall_at,
+import rag_persona.retrieval.lexical as lexical_mod
+from rag_persona.knowledge import Fact, KnowledgeBase, load_knowledge, load_queries
+from rag_persona.retrieval import (
+    CALIBRATION,
+    DEFAULT_K,
+    LexicalIndex,
+    RetrievalConfig,
+    Retriever,
+    build_store,
+    load_embedder,
+    load_index,
+    retriever_for,
     sweep,
 )
+from rag_persona.retrieval.keys import flat_index
+from rag_persona.retrieval.tuning import fit_calibration, metrics_from_hits, ranking_recall_at
+from rag_persona.settings import KNOWLEDGE_ROOT, REPO_ROOT
 
 OJOUSAMA = KNOWLEDGE_ROOT / "ojousama"
 PERSONA_B = REPO_ROOT / "tests" / "data" / "persona_b"
@@ -220,10 +226,8 @@ def jsquad_section(embedder, limit: int, seed: int) -> list[dict]:
         for s in S
     ]
     rows.append(_rank_row("plain cosine (e5)", queries, rankings))
-    import rag_persona.retrieval.retriever as retrieve_mod
-
-    real = retrieve_mod.content_tokens
-    retrieve_mod.content_tokens = bigram_tokens
+    real = lexical_mod.content_tokens
+    lexical_mod.content_tokens = bigram_tokens  # LexicalIndex tokenises through this module global
     try:
         bigram = LexicalIndex([f.text for f in store.facts])
         rankings = []
@@ -231,7 +235,7 @@ def jsquad_section(embedder, limit: int, seed: int) -> list[dict]:
             s = bigram.scores(q)
             rankings.append([(store.facts[j].id, float(s[j])) for j in np.argsort(-s)[:5]])
     finally:
-        retrieve_mod.content_tokens = real
+        lexical_mod.content_tokens = real
     rows.append(_rank_row("char-bigram BM25", queries, rankings))
     for row in rows:
         row.update(facts=len(kb), queries=len(queries), embed_s=round(build_s, 1))
@@ -302,7 +306,7 @@ def scale_section(embedder, sizes: list[int], full_embed: bool, sample: int = 51
             store._by_id = {f.id: i for i, f in enumerate(facts)}
             embed_s, embedded = per_text * n, "projected"
             started = time.perf_counter()
-            store.index = _flat_index(reps)
+            store.index = flat_index(reps)
         index_s = time.perf_counter() - started if not full_embed else 0.0
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
@@ -340,14 +344,12 @@ def scale_section(embedder, sizes: list[int], full_embed: bool, sample: int = 51
 # -- calibration -----------------------------------------------------------------------------------
 def calibrate(embedder) -> None:
     """Refit the score calibration on the ojousama dev split and the default thresholds with its
-    questions hidden (a minimal-form persona); print them for retrieve.py."""
+    questions hidden (a minimal-form persona); print them for calibration.py."""
     kb = load_knowledge(OJOUSAMA)
     dev = load_queries(OJOUSAMA / "queries" / "dev.jsonl")
     store = build_store(kb, embedder)
     cal = fit_calibration(store, dev)
-    import rag_persona.retrieval.retriever as retrieve_mod
-
-    retrieve_mod.CALIBRATION.update(cal)
+    CALIBRATION.update(cal)  # the one dict every retriever scores with
     minimal = KnowledgeBase([dataclasses.replace(f, questions=[]) for f in kb.facts], kb.path, kb.files)
     bare = build_store(minimal, embedder)
     print("CALIBRATION = {")

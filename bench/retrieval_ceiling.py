@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_persona.knowledge.facts import load_knowledge, load_queries
-from rag_persona.retrieval.retriever import RetrievalConfig, Retriever
-from rag_persona.settings import KNOWLEDGE_ROOT, REPO_ROOT
-from rag_persona.retrieval.store import build_store
+from rag_persona.knowledge import load_knowledge, load_queries
+from rag_persona.retrieval import RetrievalConfig, Retriever, build_store
 from rag_persona.retrieval.tuning import apply_threshold, metrics_from_hits
+from rag_persona.settings import KNOWLEDGE_ROOT, REPO_ROOT
 
 OJOUSAMA = KNOWLEDGE_ROOT / "ojousama"
 JUDGE_PROMPT = (
@@ -188,7 +187,7 @@ def train_adapter(store, pairs: list[tuple[str, str]], weight_decay: float, tau:
 
 def adapter_pairs(kb) -> list[tuple[str, str]]:
     """(user turn, its first fact) from the dialogues, and (question, fact) from the facts' own questions."""
-    from training.dialogues import load_dialogues
+    from training.data.dialogues import load_dialogues
 
     pairs = [(x, f.id) for f in kb.facts for x in f.questions]
     path = kb.path / "dialogues.jsonl"

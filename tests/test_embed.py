@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rag_persona.retrieval.embedders import load_embedder
+from rag_persona.retrieval import load_embedder
 
 
 @pytest.mark.parametrize(("name", "dim"), [("e5-small", 384), ("all-minilm-l6-v2", 384)])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge.facts import (
+from rag_persona.knowledge import (
     Fact,
     knowledge_hash,
     load_knowledge,

@@ -7,20 +7,21 @@ from pathlib import Path
 import pytest
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge.facts import load_queries
-from rag_persona.retrieval.retriever import (
+from rag_persona.knowledge import load_queries
+from rag_persona.retrieval import (
     DEFAULT_K,
     DEFAULT_THRESHOLDS,
     LexicalIndex,
     RetrievalConfig,
     Retriever,
+    build_store,
     content_tokens,
+    evaluate_retriever,
     langchain_retriever,
     retriever_for,
+    tune_threshold,
 )
 from rag_persona.settings import KNOWLEDGE_ROOT
-from rag_persona.retrieval.store import build_store
-from rag_persona.retrieval.tuning import evaluate_retriever, tune_threshold
 
 DATA = Path(__file__).parent / "data"
 OJOUSAMA = KNOWLEDGE_ROOT / "ojousama"

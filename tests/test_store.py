@@ -11,8 +11,8 @@ import pytest
 
 import rag_persona.retrieval.store as store_mod
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge.facts import load_knowledge
-from rag_persona.retrieval.retriever import retriever_for
+from rag_persona.knowledge import load_knowledge
+from rag_persona.retrieval import retriever_for
 from rag_persona.retrieval.store import (
     MANIFEST_FILE,
     StaleIndexError,

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rag_persona.knowledge.facts import LabelledQuery, load_queries
-from rag_persona.retrieval.retriever import retriever_for
-from rag_persona.retrieval.store import build_index, load_index
+from rag_persona.knowledge import LabelledQuery, load_queries
+from rag_persona.retrieval import build_index, load_index, retriever_for
 from rag_persona.retrieval.tuning import (
     fit_calibration,
     fit_logistic,

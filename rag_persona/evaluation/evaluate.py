@@ -2,13 +2,12 @@
 
 `rag-persona evaluate --prompts FILE --json` prints
 `{"replies": [{"query", "reply", "ended_by_eos", "context_ids", ...}], "summary": {...}}`; the summary keys
-are documented in `persona_metrics.summarize`. Without --model/--adapter/--index it evaluates what the chat
+are documented in `metrics.summarize`. Without --model/--adapter/--index it evaluates what the chat
 uses: the default chat model, its default adapter and the default persona index.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -17,11 +16,12 @@ from pathlib import Path
 
 from rag_persona.chat import PersonaChat
 from rag_persona.errors import RagPersonaError
-from rag_persona.generation import GenerationSettings
-from rag_persona.knowledge.facts import read_jsonl
 from rag_persona.evaluation.metrics import PromptResult, judge, summarize
+from rag_persona.generation import GenerationSettings
 from rag_persona.prompts import Persona
+from rag_persona.retrieval import open_store, retriever_for
 from rag_persona.settings import REPO_ROOT, get_settings
+from rag_persona.utils.io import read_json, read_jsonl
 
 MODES = ("prompt", "xattn")
 ADAPTERS_ROOT = REPO_ROOT / "adapters"
@@ -35,14 +35,7 @@ NO_ADAPTER = ("none", "base", "")
 def shipped_adapters(root: Path | None = None) -> list[dict]:
     """Adapters shipped in the repo: folders under adapters/ with a rag_persona_adapter.json."""
     root = root or ADAPTERS_ROOT
-    out = []
-    for manifest in sorted(root.glob(f"*/{ADAPTER_MANIFEST}")):
-        try:
-            info = json.loads(manifest.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RagPersonaError(f"{manifest}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-        out.append({**info, "path": str(manifest.parent)})
-    return out
+    return [{**read_json(m), "path": str(m.parent)} for m in sorted(root.glob(f"*/{ADAPTER_MANIFEST}"))]
 
 
 def default_adapter(
@@ -168,13 +161,7 @@ def evaluate_chat(
 
 def open_retriever(index: str | Path | None = None, persona: str | None = None, log=lambda msg: None):
     """The retriever the chat uses: the default persona index unless an index folder is named."""
-    from rag_persona.retrieval.store import default_store, load_index
-
-    store = load_index(index) if index else default_store(persona, log=log)
-    try:
-        from rag_persona.retrieval.retriever import retriever_for
-    except ImportError as exc:  # pragma: no cover - retrieval not wired yet
-        raise RagPersonaError("retrieval: rag_persona.retrieval.retriever has no retriever_for yet") from exc
+    store = open_store(index, persona, log=log)
     return store, retriever_for(store)
 
 

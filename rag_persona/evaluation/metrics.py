@@ -12,6 +12,8 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from rag_persona.utils.text import morphemes
+
 # -- お嬢様言葉 markers (the one list) ------------------------------------------------------------------
 # Sentence endings and words of the register (../shared/REFERENCE.md). Deliberately left out: bare
 # 「ございます」 (ありがとうございます is ordinary keigo), bare 「てよ」 (待ってよ is casual), bare 「わ」.
@@ -162,19 +164,13 @@ def _norm(text: str) -> str:
     return unicodedata.normalize("NFKC", text).lower()
 
 
-_SUDACHI = None
 _CONTENT_POS = ("名詞", "動詞", "形容詞", "形状詞")
 
 
 def _default_tokens(text: str) -> list[str]:
     """Sudachi (mode C, whole names) content words in normalised form."""
-    global _SUDACHI
-    from sudachipy import SplitMode, dictionary
-
-    if _SUDACHI is None:
-        _SUDACHI = dictionary.Dictionary(dict="core").tokenizer(mode=SplitMode.C)
     out = []
-    for m in _SUDACHI.tokenize(text):
+    for m in morphemes(text, "C"):
         pos = m.part_of_speech()
         if pos[0] not in _CONTENT_POS or pos[1] in ("非自立可能", "数詞") or "代名詞" in pos[0]:
             continue

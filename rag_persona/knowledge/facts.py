@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.utils.io import atomic_write_text, jsonl_text, read_jsonl
 
 FACTS_FILE = "facts.jsonl"
 _NOT_FACTS = {"dialogues.jsonl"}
@@ -98,31 +97,6 @@ def _bad(path: Path, line: int | None, fld: str | None, problem: str) -> RagPers
     return RagPersonaError(f"{prefix}: field '{fld}': {problem}" if fld else f"{prefix}: {problem}")
 
 
-def read_jsonl(path: str | Path, missing: str = "no such file") -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; one-line errors for everything else."""
-    path = Path(path)
-    if not path.exists():
-        raise RagPersonaError(f"{path}: {missing}")
-    if not path.is_file():
-        raise RagPersonaError(f"{path}: not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RagPersonaError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise RagPersonaError(f"{path}: cannot read ({exc.strerror})") from None
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise _bad(path, number, None, f"malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise _bad(path, number, None, f"expected a JSON object, got {type(obj).__name__}")
-        yield number, obj
-
-
 def _string_list(path: Path, line: int, obj: dict, name: str) -> list[str]:
     value = obj.get(name)
     if value is None:
@@ -141,6 +115,18 @@ def _string_list(path: Path, line: int, obj: dict, name: str) -> list[str]:
     return out
 
 
+def _text_field(path: Path, line: int, obj: dict, name: str, *, null_is_missing: bool = False) -> str:
+    """A required, non-blank string field."""
+    value = obj.get(name)
+    if name not in obj or (null_is_missing and value is None):
+        raise _bad(path, line, name, "missing")
+    if not isinstance(value, str):
+        raise _bad(path, line, name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _bad(path, line, name, "empty")
+    return value
+
+
 def parse_fact(path: Path, line: int, obj: dict) -> Fact:
     """Validate one JSON object as a fact."""
     if "id" not in obj:
@@ -151,13 +137,7 @@ def parse_fact(path: Path, line: int, obj: dict) -> Fact:
     fid = str(fid).strip()
     if not fid:
         raise _bad(path, line, "id", "empty")
-    if "text" not in obj:
-        raise _bad(path, line, "text", "missing")
-    text = obj["text"]
-    if not isinstance(text, str):
-        raise _bad(path, line, "text", f"expected a string, got {type(text).__name__}")
-    if not text.strip():
-        raise _bad(path, line, "text", "empty")
+    text = _text_field(path, line, obj, "text")
     return Fact(
         id=fid,
         text=text.strip(),
@@ -212,13 +192,7 @@ def load_queries(path: str | Path, known_ids: Iterable[str] | None = None) -> li
     known = set(known_ids) if known_ids is not None else None
     out: list[LabelledQuery] = []
     for line, obj in read_jsonl(path):
-        query = obj.get("query")
-        if query is None:
-            raise _bad(path, line, "query", "missing")
-        if not isinstance(query, str):
-            raise _bad(path, line, "query", f"expected a string, got {type(query).__name__}")
-        if not query.strip():
-            raise _bad(path, line, "query", "empty")
+        query = _text_field(path, line, obj, "query", null_is_missing=True)
         if "relevant" not in obj:
             raise _bad(path, line, "relevant", "missing (use [] for a query that should retrieve nothing)")
         relevant = obj["relevant"]
@@ -249,42 +223,53 @@ def knowledge_hash(facts: Iterable[Fact]) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a synced temporary sibling and a rename: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def facts_to_jsonl(facts: Iterable[Fact]) -> str:
-    return "".join(json.dumps(f.to_dict(), ensure_ascii=False) + "\n" for f in facts)
+    """Facts in their JSONL form, one a line."""
+    return jsonl_text(f.to_dict() for f in facts)
 
 
 def write_facts(path: str | Path, facts: Iterable[Fact]) -> None:
     """Write facts as JSONL atomically."""
     atomic_write_text(path, facts_to_jsonl(facts))
+
+
+def edit_knowledge(
+    kb: KnowledgeBase,
+    *,
+    add: Iterable[Fact] = (),
+    update: dict[str, Fact] | None = None,
+    delete: Iterable[str] = (),
+) -> list[Path]:
+    """Write added, replaced (same id) and deleted facts back to the knowledge base's own files.
+
+    Only files that change are rewritten (atomically, in their order); new facts go to the folder's
+    facts.jsonl, or the knowledge file itself, else the first fact file. Returns the files written.
+    """
+    update = update or {}
+    delete = set(delete)
+    add = list(add)
+    by_file: dict[Path, list[Fact]] = {p: [] for p in kb.files}
+    for f in kb.facts:
+        by_file[Path(f.source)].append(f)
+    changed: set[Path] = set()
+    for file, rows in by_file.items():
+        new_rows = []
+        for f in rows:
+            if f.id in delete:
+                changed.add(file)
+                continue
+            if f.id in update:
+                changed.add(file)
+                new_rows.append(update[f.id])
+            else:
+                new_rows.append(f)
+        by_file[file] = new_rows
+    if add:
+        target = kb.path / FACTS_FILE if kb.path.is_dir() else kb.path
+        if target not in by_file:
+            target = kb.files[0]
+        by_file[target].extend(add)
+        changed.add(target)
+    for file in sorted(changed):
+        write_facts(file, by_file[file])
+    return sorted(changed)

@@ -8,18 +8,16 @@ a row back to its fact. An index folder holds::
     facts.jsonl     the facts as indexed (hits are served from here)
     index.faiss     IndexFlatIP over the key vectors
 
-Saves go to a temporary sibling folder that is synced and renamed over the target, so a failed build or
-edit leaves the previous index untouched. An index whose knowledge or embedder changed is *stale*:
-`load_index` refuses it with a message that says how to rebuild, `ensure_index` rebuilds it.
+Saves go to a hidden work folder that is synced and swapped in for the target
+(`rag_persona.utils.io.atomic_folder`), so a failed build or edit leaves the previous index untouched.
+An index whose knowledge or embedder changed is *stale*: `load_index` refuses it with a message that
+says how to rebuild, `ensure_index` rebuilds it. Key rows, their vectors and the FAISS index: `keys.py`.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -28,25 +26,25 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_persona.retrieval.embedders import _E5_ALIASES, DEFAULT_EMBEDDER, Embedder, load_embedder
 from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge.facts import (
     FACTS_FILE,
     Fact,
     KnowledgeBase,
+    edit_knowledge,
     facts_to_jsonl,
     knowledge_hash,
     load_knowledge,
     parse_fact,
-    read_jsonl,
-    write_facts,
 )
+from rag_persona.retrieval.embedders import _E5_ALIASES, DEFAULT_EMBEDDER, Embedder, load_embedder
+from rag_persona.retrieval.keys import embed_keys, fact_keys, flat_index
 from rag_persona.settings import get_settings
+from rag_persona.utils.io import atomic_folder, check_replaceable, read_json, read_jsonl
 
 INDEX_FORMAT = 1
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
-KEY_TEXT, KEY_QUESTION = 0, 1
 
 
 class StaleIndexError(RagPersonaError):
@@ -60,62 +58,6 @@ def canonical_embedder_name(name: str | None) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def fact_keys(facts: Iterable[Fact]) -> tuple[list[str], list[int], list[int]]:
-    """(key texts, owning fact index, kind) for every key row, in row order."""
-    texts: list[str] = []
-    owner: list[int] = []
-    kinds: list[int] = []
-    for i, fact in enumerate(facts):
-        texts.append(fact.text)
-        owner.append(i)
-        kinds.append(KEY_TEXT)
-        for q in fact.questions:
-            texts.append(q)
-            owner.append(i)
-            kinds.append(KEY_QUESTION)
-    return texts, owner, kinds
-
-
-def embed_keys(
-    embedder: Embedder,
-    texts: list[str],
-    kinds: list[int],
-    *,
-    batch_size: int = 256,
-    progress: bool = False,
-    desc: str = "embedding",
-) -> np.ndarray:
-    """Unit vectors for key rows: texts as passages, questions as queries; a tqdm bar when asked."""
-    out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
-    kinds_arr = np.asarray(kinds, dtype=np.int8)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(texts), desc=desc, unit="key", dynamic_ncols=True)
-    try:
-        for kind, encode in ((KEY_TEXT, embedder.encode_passages), (KEY_QUESTION, embedder.encode_queries)):
-            rows = np.flatnonzero(kinds_arr == kind)
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                out[chunk] = encode([texts[i] for i in chunk])
-                if bar is not None:
-                    bar.update(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
-    return out
-
-
-def _flat_index(vectors: np.ndarray):
-    import faiss
-
-    index = faiss.IndexFlatIP(int(vectors.shape[1]))
-    if len(vectors):
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
 
 
 @dataclass
@@ -204,11 +146,12 @@ class FactStore:
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str | Path | None = None) -> Path:
-        """Write the index folder atomically (temp sibling, fsync, rename); the old one survives failures."""
+        """Write the index folder atomically (work folder, fsync, swap); the old one survives failures."""
         target = Path(path or self.path or "")
         if not str(target):
             raise RagPersonaError("index: no folder to save to")
-        _save_atomic(self, target)
+        with atomic_folder(target, marker=MANIFEST_FILE, what="an index") as work:
+            _write_store_files(self, work)
         self.path = target
         return target
 
@@ -288,12 +231,8 @@ class FactStore:
         drop = set(ids)
         self._rebuild([f for f in self.facts if f.id not in drop])
 
-    def _persist_knowledge(
-        self,
-        add: list[Fact] | None = None,
-        update: dict[str, Fact] | None = None,
-        delete: set[str] | None = None,
-    ) -> None:
+    def _persist_knowledge(self, **edits) -> None:
+        """Apply an edit (`edit_knowledge` keywords) to the knowledge files this index was built from."""
         src = self.source
         if src is None or not src.exists():
             return  # an index without its knowledge files: edits live in the index only
@@ -303,32 +242,7 @@ class FactStore:
                 f"index {self.path}: the knowledge at {src} changed since the index was built; "
                 f"rebuild it (rag-persona index --kb {src} --out {self.path}) before editing"
             )
-        update = update or {}
-        delete = delete or set()
-        by_file: dict[Path, list[Fact]] = {p: [] for p in kb.files}
-        for f in kb.facts:
-            by_file[Path(f.source)].append(f)
-        changed: set[Path] = set()
-        for file, rows in by_file.items():
-            new_rows = []
-            for f in rows:
-                if f.id in delete:
-                    changed.add(file)
-                    continue
-                if f.id in update:
-                    changed.add(file)
-                    new_rows.append(update[f.id])
-                else:
-                    new_rows.append(f)
-            by_file[file] = new_rows
-        if add:
-            target = src / FACTS_FILE if src.is_dir() else src
-            if target not in by_file:
-                target = kb.files[0]
-            by_file[target].extend(add)
-            changed.add(target)
-        for file in sorted(changed):
-            write_facts(file, by_file[file])
+        edit_knowledge(kb, **edits)
 
     def _rebuild(self, facts: list[Fact], *, progress: bool = False) -> None:
         """Re-index after an edit, embedding only keys that are new, and save when the store has a folder."""
@@ -354,7 +268,7 @@ class FactStore:
         self._by_id = {f.id: i for i, f in enumerate(facts)}
         self.key_fact = np.asarray(owner, dtype=np.int64)
         self.key_kind = np.asarray(kinds, dtype=np.int8)
-        self.index = _flat_index(vectors)
+        self.index = flat_index(vectors)
         self.manifest["knowledge_hash"] = knowledge_hash(facts)
         self.manifest["counts"] = {"facts": len(facts), "keys": len(texts)}
         self.manifest["updated"] = _now()
@@ -404,7 +318,7 @@ def build_store(
         facts=list(kb.facts),
         key_fact=np.asarray(owner, dtype=np.int64),
         key_kind=np.asarray(kinds, dtype=np.int8),
-        index=_flat_index(vectors),
+        index=flat_index(vectors),
         manifest=manifest,
         _embedder=embedder,
     )
@@ -421,7 +335,7 @@ def build_index(
 ) -> FactStore:
     """Build and save an index folder atomically; an existing index there is replaced only on success."""
     out_dir = Path(out_dir)
-    _check_target(out_dir)
+    check_replaceable(out_dir, MANIFEST_FILE, "an index")  # before the embedding work, not only at the save
     store = build_store(kb, embedder, progress=progress)
     if keep_threshold_from is not None:
         old = keep_threshold_from.manifest
@@ -433,61 +347,14 @@ def build_index(
     return store
 
 
-def _check_target(target: Path) -> None:
-    if target.exists() and not target.is_dir():
-        raise RagPersonaError(f"{target}: exists and is not a folder; refusing to write an index there")
-    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
-        raise RagPersonaError(
-            f"{target}: folder is not empty and holds no {MANIFEST_FILE}; refusing to replace it with an index"
-        )
-
-
-def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_store_files(store: FactStore, folder: Path) -> None:
+    """The three files of an index folder, into a (work) folder."""
     import faiss
 
     (folder / FACTS_FILE).write_text(facts_to_jsonl(store.facts), encoding="utf-8")
     faiss.write_index(store.index, str(folder / INDEX_FILE))
     manifest = dict(store.manifest)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
-
-
-def _save_atomic(store: FactStore, target: Path) -> None:
-    _check_target(target)
-    target = target.absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        _write_store_files(store, work)
-        for p in work.iterdir():
-            _fsync_path(p)
-        _fsync_path(work)
-        if target.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            backup.rmdir()
-            os.rename(target, backup)
-            try:
-                os.rename(work, target)
-            except BaseException:
-                os.rename(backup, target)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(work, target)
-        _fsync_path(target.parent)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def is_index(path: str | Path) -> bool:
@@ -512,10 +379,7 @@ def load_index(
         )
     if not manifest_path.is_file():
         raise RagPersonaError(f"{path}: not an index (no {MANIFEST_FILE}); build one with rag-persona index")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RagPersonaError(f"{manifest_path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    manifest = read_json(manifest_path)
     for key in ("format", "embedder", "knowledge_hash", "counts"):
         if key not in manifest:
             raise RagPersonaError(f"{manifest_path}: field '{key}': missing")

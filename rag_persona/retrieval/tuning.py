@@ -20,6 +20,8 @@ import numpy as np
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge.facts import LabelledQuery
+from rag_persona.retrieval.calibration import Calibration
+from rag_persona.retrieval.retriever import RetrievalConfig, Retriever, retriever_for
 
 # One ranked candidate list per query: (fact id, score), best first.
 Ranking = list[tuple[str, float]]
@@ -244,10 +246,8 @@ def tune_threshold(
     source: str | None = None,
 ) -> Sweep:
     """Sweep thresholds for an index on labelled queries, store the chosen one in its manifest."""
-    from rag_persona.retrieval.retriever import retriever_for
-
     retriever = retriever_for(store, mode=mode, k=k)
-    _check_labels(store, queries)
+    check_labels(store, queries)
     rankings = retriever.rankings([q.query for q in queries], depth=max(retriever.k, 1))
     result = sweep(queries, rankings, k=retriever.k)
     if plot is not None:
@@ -265,7 +265,8 @@ def tune_threshold(
     return result
 
 
-def _check_labels(store, queries: Sequence[LabelledQuery]) -> None:
+def check_labels(store, queries: Sequence[LabelledQuery]) -> None:
+    """Refuse labelled queries naming a fact id that the index does not hold (one line, FILE:LINE)."""
     known = set(store.ids)
     for q in queries:
         for i, rid in enumerate(q.relevant):
@@ -275,7 +276,7 @@ def _check_labels(store, queries: Sequence[LabelledQuery]) -> None:
                 )
 
 
-# -- fitting the score calibration (how retrieve.CALIBRATION was made) -----------------------------
+# -- fitting the score calibration (how calibration.CALIBRATION was made) ---------------------------
 def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 50) -> np.ndarray:
     """L2-regularised logistic regression by Newton's method; returns [bias, w1, w2, ...]."""
     X = np.column_stack([np.ones(len(X)), np.asarray(X, dtype=np.float64)])
@@ -315,9 +316,7 @@ def calibration_features(
 
 
 def fit_calibration(store, queries: Sequence[LabelledQuery], l2: float = 1.0) -> dict:
-    """Fit `retrieve.Calibration` weights for dense and hybrid on an index and labelled queries."""
-    from rag_persona.retrieval.retriever import Calibration, RetrievalConfig, Retriever
-
+    """Fit `calibration.Calibration` weights for dense and hybrid on an index and labelled queries."""
     out = {}
     for mode in ("dense", "hybrid"):
         feats = calibration_features(Retriever(store, RetrievalConfig(mode=mode, threshold=0.0)), queries)

@@ -158,3 +158,17 @@ def _swap(work: Path, out: Path) -> None:
             raise
         shutil.rmtree(backup, ignore_errors=True)
     fsync_path(out.parent)
+
+
+def read_json(path: str | Path) -> dict:
+    """One JSON object from a file, or one line naming the file and what is wrong."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RagPersonaError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise RagPersonaError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise RagPersonaError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj

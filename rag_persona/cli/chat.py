@@ -1,0 +1,210 @@
+"""`rag-persona ask|chat|render-prompt|evaluate`: the chat model with and without the persona pipeline."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+
+from rag_persona.cli.common import JsonOpt, _progress, app, echo_json, friendly, open_index
+from rag_persona.errors import RagPersonaError
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Bundled alias, hub id or local folder (default: bundled 0.5B).")
+]
+AdapterOpt = Annotated[
+    str | None,
+    typer.Option("--adapter", help="A peft adapter folder ('none': base model; default: the shipped one)."),
+]
+IndexOpt = Annotated[str | None, typer.Option("--index", help="Index folder (default: persona's).")]
+
+
+def _write_stream(stream) -> None:
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
+@app.command()
+@friendly
+def ask(
+    message: Annotated[str, typer.Argument(help="What to say.")],
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 96,
+    as_json: JsonOpt = False,
+) -> None:
+    """One reply from the chat model, streamed to the terminal, stopping at EOS."""
+    from rag_persona.evaluation.evaluate import resolve_adapter
+    from rag_persona.generation import GenerationSettings, ReplyStream, load_causal_lm
+
+    loaded = load_causal_lm(model, adapter=resolve_adapter(model, adapter), progress=_progress)
+    stream = ReplyStream(loaded, [{"role": "user", "content": message}], GenerationSettings(max_new_tokens))
+    if as_json:
+        for _ in stream:
+            pass
+        echo_json(stream.reply.to_dict())
+        return
+    _write_stream(stream)
+    typer.echo("")
+    end = "EOS" if stream.reply.ended_by_eos else "token limit"
+    _progress(f"{stream.reply.new_tokens} tokens in {stream.reply.seconds:.1f}s, ended by {end}")
+
+
+def _terminal_chat(answer: Callable[[list[dict], str], tuple[str, object] | None]) -> None:
+    """Read a line, stream the reply, keep the history; Ctrl-D or an empty line ends the chat.
+
+    answer(history, message) gives (a context line for stderr, the reply stream), or None to skip the turn.
+    """
+    history: list[dict] = []
+    while True:
+        try:
+            message = input("you> ").strip()
+        except EOFError:
+            break
+        if not message:
+            break
+        turn = answer(history, message)
+        if turn is None:
+            continue
+        note, stream = turn
+        _progress(note)
+        sys.stdout.write("bot> ")
+        _write_stream(stream)
+        sys.stdout.write("\n")
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": stream.reply.text}]
+
+
+@app.command()
+@friendly
+def chat(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    mode: Annotated[
+        str, typer.Option("--mode", help="prompt, or xattn: retrieved facts enter by cross-attention.")
+    ] = "prompt",
+    index: IndexOpt = None,
+) -> None:
+    """A terminal chat with history (Ctrl-D or an empty line to leave)."""
+    if mode == "xattn":
+        return _chat_xattn(model)
+    if mode != "prompt":
+        raise RagPersonaError(f"chat: mode {mode!r} is not one of prompt, xattn")
+    from rag_persona.chat import PersonaChat, default_persona
+    from rag_persona.evaluation.evaluate import resolve_adapter
+    from rag_persona.generation import load_causal_lm
+    from rag_persona.retrieval.retriever import retriever_for
+
+    retriever = retriever_for(open_index(index))
+    loaded = load_causal_lm(model, adapter=resolve_adapter(model, adapter), progress=_progress)
+    persona_chat = PersonaChat(default_persona(), retriever, loaded)
+
+    def answer(history: list[dict], message: str):
+        try:
+            plan, stream = persona_chat.stream(history, message)
+        except RagPersonaError as exc:  # a refused message: say why and keep chatting
+            typer.echo(f"error: {exc}", err=True)
+            return None
+        return "context: " + (", ".join(f"{f.id} ({f.score:.2f})" for f in plan.context) or "(none)"), stream
+
+    _terminal_chat(answer)
+
+
+def _chat_xattn(model: str | None) -> None:
+    """The terminal chat in cross-attention mode (rag_persona.xattn): base model + trained blocks."""
+    from rag_persona.xattn import load_xattn_chat
+
+    xchat = load_xattn_chat(model, progress=_progress)
+
+    def answer(history: list[dict], message: str):
+        plan, stream = xchat.stream(history, message)
+        return f"memory: {', '.join(f.id for f in plan.context) or '(no facts retrieved)'}", stream
+
+    _terminal_chat(answer)
+
+
+def _history_turns(history: str | None) -> list[dict]:
+    """--history as a list of {role, content} messages, or one line saying what is wrong with it."""
+    if not history:
+        return []
+    try:
+        turns = json.loads(history)
+    except json.JSONDecodeError as exc:
+        raise RagPersonaError(f"--history: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
+        raise RagPersonaError("--history: expected a JSON list of {role, content} objects")
+    return turns
+
+
+@app.command("render-prompt")
+@friendly
+def render_prompt(
+    query: Annotated[str, typer.Argument(help="The user turn.")],
+    index: IndexOpt = None,
+    history: Annotated[
+        str | None, typer.Option("--history", help="JSON list of earlier {role, content} messages.")
+    ] = None,
+    no_context: Annotated[
+        bool, typer.Option("--no-context", help="As the cross-attention mode sees it.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The messages the model would get for this turn, after retrieval."""
+    from rag_persona.chat import default_persona, plan_turn
+    from rag_persona.retrieval.retriever import retriever_for
+
+    turns = _history_turns(history)
+    plan = plan_turn(
+        default_persona(), retriever_for(open_index(index)), turns, query, include_context=not no_context
+    )
+    if as_json:
+        echo_json({"messages": plan.messages, "context": [f.__dict__ for f in plan.context]})
+        return
+    for m in plan.messages:
+        typer.echo(f"--- {m['role']}\n{m['content']}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    prompts: Annotated[str, typer.Option("--prompts", help="JSONL: query, history, golden_ids, kind.")],
+    model: ModelOpt = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option("--adapter", help="Adapter folder, or 'none' (default: the chat's default adapter)."),
+    ] = None,
+    index: IndexOpt = None,
+    mode: Annotated[str, typer.Option("--mode", help="prompt (context in the prompt) or xattn.")] = "prompt",
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="xattn mode: cross-attention weights (default adapters/xattn)."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 96,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Each prompt through retrieval + the prompt builder + generation; persona metrics over the replies."""
+    from rag_persona.evaluation.evaluate import run_evaluation
+
+    report = run_evaluation(
+        prompts,
+        model=model,
+        adapter=adapter,
+        index=index,
+        mode=mode,
+        weights=weights,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        progress=_progress,
+    )
+    if as_json:
+        echo_json(report)
+        return
+    for r in report["replies"]:
+        end = "EOS" if r["ended_by_eos"] else "limit"
+        typer.echo(f"{r['query'][:30]:<32} {end:<5} {r['reply']}")
+    for key, value in report["summary"].items():
+        typer.echo(f"{key:<22} {value}")

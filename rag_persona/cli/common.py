@@ -1,0 +1,45 @@
+"""What every `rag-persona` command shares: the typer app, one-line errors, progress on stderr, JSON out."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Annotated
+
+import typer
+
+from rag_persona.errors import RagPersonaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def friendly(fn):
+    """Turn a RagPersonaError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RagPersonaError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _progress(msg: str) -> None:
+    typer.echo(f"[rag-persona] {msg}", err=True)
+
+
+def echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+def open_index(index: str | None):
+    """The named index folder, else the default persona's (built, with progress, when missing or stale)."""
+    from rag_persona.retrieval.store import open_store
+
+    return open_store(index, progress=True, log=_progress)
+
+
+JsonOpt = Annotated[bool, typer.Option("--json")]

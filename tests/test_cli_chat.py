@@ -1,0 +1,48 @@
+"""The chat commands with a tiny random model: `ask` (plain and --json) and the terminal `chat` loop."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from rag_persona.cli.app import app
+
+runner = CliRunner()
+
+
+def test_ask_streams_a_reply_or_prints_it_as_json(tiny_model_dir):
+    args = [
+        "ask",
+        "ごきげんよう",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        "none",
+        "--max-new-tokens",
+        "3",
+    ]
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    reply = json.loads(res.stdout[res.stdout.index("{") :])
+    assert 0 < reply["new_tokens"] <= 3 and isinstance(reply["ended_by_eos"], bool)
+    plain = runner.invoke(app, args)
+    assert plain.exit_code == 0, plain.output
+    assert "tokens in" in plain.stderr and "ended by" in plain.stderr
+
+
+def test_chat_answers_each_line_skips_a_refused_one_and_stops_at_an_empty_line(tiny_model_dir, persona_index):
+    args = ["chat", "--model", str(tiny_model_dir), "--adapter", "none", "--index", str(persona_index)]
+    lines = ["あなたの名前はなんですか?", "x" * 1001, "日本の首都は？", "", "never read"]
+    res = runner.invoke(app, args, input="\n".join(lines) + "\n")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("bot> ") == 2
+    assert "error: message: 1001 characters, the limit is 1000" in res.stderr
+    contexts = [line for line in res.stderr.splitlines() if "context: " in line]
+    assert len(contexts) == 2
+    assert "profile-name (" in contexts[0] and contexts[1].endswith("context: (none)")
+
+
+def test_chat_refuses_an_unknown_mode():
+    res = runner.invoke(app, ["chat", "--mode", "telepathy"])
+    assert res.exit_code == 2 and "mode 'telepathy' is not one of prompt, xattn" in res.output
