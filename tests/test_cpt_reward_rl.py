@@ -9,21 +9,23 @@ import pytest
 import torch
 from conftest import make_tiny_qwen2, make_tokenizer
 from safetensors.torch import load_file
+from test_train import write_chat_data, write_jsonl
 from typer.testing import CliRunner
 
 from rag_persona.errors import RagPersonaError
-from training.cpt_data import Document, build_cpt_data, pack, render_documents
-from training.labels import IGNORE
-from training.rewards import EosReward, LengthReward, StyleReward, build_rewards, eos_score, length_score
-from training.trainers import CptRecipe, LoraRecipe, Recipe, RlRecipe, load_recipe, train
+from training.data.cpt_data import Document, build_cpt_data, pack, render_documents
+from training.data.labels import IGNORE
+from training.recipes import CptRecipe, LoraRecipe, Recipe, RlRecipe, load_recipe
+from training.stages import train
+from training.stages.rewards import (
+    EosReward,
+    LengthReward,
+    StyleReward,
+    build_rewards,
+    eos_score,
+    length_score,
+)
 
-SYSTEM = {"role": "system", "content": "あなたは小野寺絢音です。お嬢様言葉で話します。"}
-QA = [
-    ("名前は？", "小野寺絢音ですわ。", "小野寺絢音です。"),
-    ("趣味は？", "ピアノと乗馬ですわ。", "ピアノと乗馬です。"),
-    ("こんにちは", "ごきげんよう、お会いできて嬉しいですわ。", "こんにちは、会えて嬉しいです。"),
-    ("紅茶は好き？", "ええ、ダージリンが大好きですの。", "はい、ダージリンが好きです。"),
-]
 FACTS = [
     {"id": "name", "text": "名前は小野寺絢音。", "questions": ["名前は何ですか"], "tags": ["profile"]},
     {"id": "age", "text": "年齢は17歳。", "questions": ["何歳ですか"], "tags": ["profile"]},
@@ -32,10 +34,6 @@ FACTS = [
 ]
 PERSONA = {"id": "tiny", "name": "小野寺絢音", "reading": "おのでら あやね", "summary": "17歳のお嬢様。"}
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _write(path, rows):
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
 
 
 def _quiet(msg):
@@ -52,30 +50,11 @@ def setup(tmp_path_factory):
     tok.save_pretrained(root / "tiny")
     kb = root / "knowledge" / "tiny"
     kb.mkdir(parents=True)
-    _write(kb / "facts.jsonl", FACTS)
+    write_jsonl(kb / "facts.jsonl", FACTS)
     (kb / "persona.json").write_text(json.dumps(PERSONA, ensure_ascii=False), encoding="utf-8")
     (kb / "background.md").write_text("# 生い立ち\n\n鎌倉山の洋館で育った。\n\n祖母にピアノを習った。\n")
     data = root / "data"
-    data.mkdir()
-    prompts = [[SYSTEM, {"role": "user", "content": q}] for q, _, _ in QA]
-    _write(
-        data / "sft.jsonl",
-        [
-            {"prompt": p, "completion": [{"role": "assistant", "content": a}]}
-            for p, (_, a, _) in zip(prompts, QA, strict=True)
-        ],
-    )
-    _write(
-        data / "dpo.jsonl",
-        [
-            {
-                "prompt": p,
-                "chosen": [{"role": "assistant", "content": a}],
-                "rejected": [{"role": "assistant", "content": b}],
-            }
-            for p, (_, a, b) in zip(prompts, QA, strict=True)
-        ],
-    )
+    write_chat_data(data)
     return types.SimpleNamespace(root=root, model=str(root / "tiny"), kb=kb, data=data, tok=tok)
 
 
@@ -115,7 +94,7 @@ def test_cpt_blocks_are_packed_with_eos_between_documents_and_every_label_traine
     for v in range(2):
         from rag_persona.knowledge.facts import load_knowledge
         from rag_persona.prompts import Persona
-        from training.cpt_data import background_documents
+        from training.data.cpt_data import background_documents
 
         docs += render_documents(
             load_knowledge(setup.kb).facts,
@@ -142,7 +121,7 @@ def test_pack_drops_the_short_tail_and_cpt_refuses_special_token_text(setup, tmp
     assert blocks == [[1, 2, 3], [9, 4, 5]] and dropped == 1
     kb = tmp_path / "kb"
     kb.mkdir()
-    _write(kb / "facts.jsonl", FACTS)
+    write_jsonl(kb / "facts.jsonl", FACTS)
     (kb / "persona.json").write_text(json.dumps(PERSONA, ensure_ascii=False), encoding="utf-8")
     (kb / "notes.txt").write_text("終わりの印は</s>ではありません。<|im_end|>\n", encoding="utf-8")
     eos = setup.tok.eos_token_id
@@ -157,7 +136,7 @@ def test_pack_drops_the_short_tail_and_cpt_refuses_special_token_text(setup, tmp
 def test_top_layers_keep_the_embedding_lora_outside_the_decoder_layers(setup):
     from transformers import AutoModelForCausalLM
 
-    from training.trainers import lora_config
+    from training.stages.lora import lora_config
 
     model = AutoModelForCausalLM.from_pretrained(setup.model)
     recipe = _recipe(
@@ -175,7 +154,7 @@ def cpt_run(setup):
     recipe = _recipe(
         setup,
         "cpt",
-        lora=LoraRecipe(r=4, alpha=128, target_modules=[*ATTN_MLP, "embed_tokens", "lm_head"]),
+        lora=LoraRecipe(r=4, lora_alpha=128, target_modules=[*ATTN_MLP, "embed_tokens", "lm_head"]),
         cpt=CptRecipe(knowledge_dir=str(setup.kb), block_size=32, variants=2),
         max_eval_examples=4,
     )
@@ -224,7 +203,10 @@ def test_one_cpt_step_changes_only_lora_targets_and_the_merge_is_base_plus_delta
 
 def test_sft_trains_a_differently_shaped_lora_on_the_cpt_model(setup, cpt_run):
     recipe = _recipe(
-        setup, "sft", base_model=cpt_run["output"], lora=LoraRecipe(r=4, alpha=8, target_modules=ATTN_MLP)
+        setup,
+        "sft",
+        base_model=cpt_run["output"],
+        lora=LoraRecipe(r=4, lora_alpha=8, target_modules=ATTN_MLP),
     )
     run = train(recipe, setup.root / "sft-after-cpt", progress=_quiet, cuda=False, keep_model=True)
     names = [n for n, _ in run["model"].named_parameters() if "lora_" in n]
@@ -263,7 +245,13 @@ def test_rule_based_rewards_on_hand_written_completions():
 
 @pytest.fixture(scope="module")
 def reward_run(setup):
-    recipe = _recipe(setup, "reward", eval_file="dpo.jsonl", lora=LoraRecipe(r=4, alpha=8), batch_size=2)
+    recipe = _recipe(
+        setup,
+        "reward",
+        eval_file="dpo.jsonl",
+        lora=LoraRecipe(r=4, lora_alpha=8),
+        per_device_train_batch_size=2,
+    )
     return train(recipe, setup.root / "reward", progress=_quiet, cuda=False, keep_model=True)
 
 
@@ -302,9 +290,9 @@ def test_reward_model_ranks_chosen_over_rejected_after_a_short_run_on_the_bundle
     """Knowledge DPO pairs built from the bundled persona; a tiny random Qwen2 with the bundled tokenizer."""
     from transformers import AutoTokenizer
 
-    from rag_persona.settings import KNOWLEDGE_ROOT
     from rag_persona.retrieval.store import build_index
-    from training.data import DataConfig, build_datasets
+    from rag_persona.settings import KNOWLEDGE_ROOT
+    from training.data.build import DataConfig, build_datasets
 
     build_index(KNOWLEDGE_ROOT / "ojousama", tmp_path / "index")
     build_datasets(DataConfig(out=tmp_path / "data", index=tmp_path / "index", seed=0))
@@ -322,11 +310,11 @@ def test_reward_model_ranks_chosen_over_rejected_after_a_short_run_on_the_bundle
         eval_file="dpo_d1_eval.jsonl",
         max_train_examples=96,
         max_eval_examples=32,
-        lora=LoraRecipe(r=8, alpha=16, dropout=0.0),
+        lora=LoraRecipe(r=8, lora_alpha=16, lora_dropout=0.0),
         learning_rate=3e-3,
-        lr_scheduler="constant",
-        epochs=1,
-        batch_size=4,
+        lr_scheduler_type="constant",
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
         seed=0,
     ).validate()
     run = train(recipe, tmp_path / "rm", progress=_quiet, cuda=False)
@@ -342,7 +330,7 @@ def test_reward_model_ranks_chosen_over_rejected_after_a_short_run_on_the_bundle
 
 @pytest.fixture(scope="module")
 def sft_adapter(setup):
-    recipe = _recipe(setup, "sft", lora=LoraRecipe(r=4, alpha=8, target_modules=ATTN_MLP))
+    recipe = _recipe(setup, "sft", lora=LoraRecipe(r=4, lora_alpha=8, target_modules=ATTN_MLP))
     return train(recipe, setup.root / "sft", progress=_quiet, cuda=False)["output"]
 
 
@@ -353,7 +341,7 @@ def test_one_grpo_step_changes_only_lora_weights(setup, sft_adapter, reward_run)
         init_adapter=sft_adapter,
         eval_file="sft.jsonl",
         max_eval_examples=2,
-        batch_size=4,
+        per_device_train_batch_size=4,
         beta=0.05,
         rl=RlRecipe(
             num_generations=2,
@@ -410,7 +398,9 @@ def test_stage_mismatch_and_missing_reward_adapter_are_one_line_errors(setup, tm
     recipe = tmp_path / "rl.yaml"
     recipe.write_text(
         f"name: x\nstage: rl\nbase_model: {setup.model}\ndata_dir: {setup.data}\ntrain_file: sft.jsonl\n"
-        "batch_size: 2\nbeta: 0.1\nrl: {reward_adapter: " + str(tmp_path / "no-such-rm") + "}\n"
+        "per_device_train_batch_size: 2\nbeta: 0.1\nrl: {reward_adapter: "
+        + str(tmp_path / "no-such-rm")
+        + "}\n"
     )
     runner = CliRunner()
     wrong = runner.invoke(app, ["train", "reward", "--recipe", str(recipe)])
@@ -423,7 +413,9 @@ def test_stage_mismatch_and_missing_reward_adapter_are_one_line_errors(setup, tm
     with pytest.raises(RagPersonaError, match="field 'beta': must be positive"):
         Recipe(name="x", stage="rl", beta=0, rl=RlRecipe(reward_weights={"length": 1.0})).validate()
     with pytest.raises(RagPersonaError, match="multiple of rl.num_generations"):
-        Recipe(name="x", stage="rl", batch_size=3, rl=RlRecipe(reward_weights={"eos": 1.0})).validate()
+        Recipe(
+            name="x", stage="rl", per_device_train_batch_size=3, rl=RlRecipe(reward_weights={"eos": 1.0})
+        ).validate()
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nstage: cpt\ncpt: {formats: [poetry]}\n")
     with pytest.raises(RagPersonaError, match="bad.yaml: field 'cpt.formats'"):
@@ -438,14 +430,14 @@ def test_stage_mismatch_and_missing_reward_adapter_are_one_line_errors(setup, tm
 
 def test_bundled_recipes_follow_the_users_cpt_then_sft_settings():
     cpt7 = load_recipe("cpt-7b-qlora")
-    assert cpt7.stage == "cpt" and cpt7.lora.alpha == 128
+    assert cpt7.stage == "cpt" and cpt7.lora.lora_alpha == 128
     assert {"embed_tokens", "lm_head", "all-linear"} <= set(cpt7.lora.target_modules)
     cpt05 = load_recipe("cpt-0.5b-cpu")
     assert (
         cpt05.stage == "cpt" and "embed_tokens" in cpt05.lora.target_modules and cpt05.cpt.block_size == 256
     )
     after = load_recipe("sft-after-cpt-0.5b-cpu")
-    assert after.stage == "sft" and after.lora.alpha == 8 and after.base_model == "runs/cpt-0.5b-cpu"
+    assert after.stage == "sft" and after.lora.lora_alpha == 8 and after.base_model == "runs/cpt-0.5b-cpu"
     assert set(after.lora.target_modules) == set(ATTN_MLP)
     assert (
         load_recipe("reward-0.5b-cpu").stage == "reward" and load_recipe("reward-7b-qlora").stage == "reward"

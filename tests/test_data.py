@@ -12,10 +12,10 @@ from rag_persona.chat import default_persona, plan_turn
 from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge.facts import load_queries
 from rag_persona.retrieval.retriever import retriever_for
-from rag_persona.settings import KNOWLEDGE_ROOT
 from rag_persona.retrieval.store import build_index
-from training.data import DataConfig, build_datasets, normalise
-from training.dialogues import load_dialogues
+from rag_persona.settings import KNOWLEDGE_ROOT
+from training.data.build import DataConfig, build_datasets, normalise
+from training.data.dialogues import load_dialogues
 
 PERSONA_DIR = KNOWLEDGE_ROOT / "ojousama"
 
@@ -132,12 +132,12 @@ def test_bad_dialogue_line_names_file_line_and_field(tmp_path):
 def test_failed_build_leaves_previous_output_untouched(built, index_dir, monkeypatch):
     out, _ = built
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import training.data as data
+    import training.data.build as build
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(data, "_sha256", boom)
+    monkeypatch.setattr(build, "file_sha256", boom)
     with pytest.raises(RuntimeError):
         build_datasets(DataConfig(out=out, index=index_dir, seed=7))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

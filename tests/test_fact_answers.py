@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.fact_answers import say_fact, self_names
+from training.data.fact_answers import say_fact, self_names
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tokenizer
 from typer.testing import CliRunner
 
-from training.labels import (
+from training.data.labels import (
     IGNORE,
     LabelError,
     audit_file,

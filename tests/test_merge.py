@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rag_persona.errors import RagPersonaError
-from training import merge as merge_mod
-from training.evomerge import EvoConfig, evo_merge, persona_score
-from training.merge import merge, merge_adapters, merge_models
-from training.task_vectors import module_type, task_vectors, tensor_norms
+from training.merging import merge as merge_mod
+from training.merging.evomerge import EvoConfig, evo_merge, persona_score
+from training.merging.merge import merge, merge_adapters, merge_models
+from training.merging.task_vectors import module_type, task_vectors, tensor_norms
+from training.provenance import file_sha256
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -123,7 +124,7 @@ def test_lora_linear_merge_is_peft_sqrt_weighting_and_cat_is_the_exact_weighted_
         torch.testing.assert_close(d, w[0] * d1[mod] + w[1] * d2[mod], rtol=1e-5, atol=1e-6)
     manifest = json.loads((out / "merge_manifest.json").read_text())
     assert manifest["method"] == "cat" and manifest["weights"] == w and manifest["versions"]["peft"]
-    assert manifest["inputs"][0]["weights_sha256"]["adapter_model.safetensors"] == merge_mod.file_sha256(
+    assert manifest["inputs"][0]["weights_sha256"]["adapter_model.safetensors"] == file_sha256(
         s.a1 / "adapter_model.safetensors"
     )
 
@@ -401,11 +402,18 @@ def test_interrupted_write_leaves_nothing_and_keeps_an_old_output(s, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
     out.mkdir()
+    (out / "merge_manifest.json").write_text("{}")  # an earlier merge output
     (out / "old.txt").write_text("keep")
     monkeypatch.setattr(merge_mod, "export_adapter", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         merge_adapters([s.a1, s.a2], out, base=str(s.base))
     assert [p.name for p in tmp_path.iterdir()] == ["merged"] and (out / "old.txt").read_text() == "keep"
+
+    # A folder that is not a merge output is never replaced.
+    (out / "merge_manifest.json").unlink()
+    with pytest.raises(RagPersonaError, match="holds no merge_manifest.json; refusing to replace it"):
+        merge_adapters([s.a1, s.a2], out, base=str(s.base))
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
 
 
 # -- CLI ------------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rag_persona.errors import RagPersonaError
-from training.trainers import RECIPES_DIR, LoraRecipe, Recipe, load_recipe, pick_mode, ship_adapter, train
+from training.recipes import RECIPES_DIR, LoraRecipe, Recipe, load_recipe
+from training.shipping import ship_adapter
+from training.stages import train
+from training.stages.common import pick_mode
 
 SYSTEM = {"role": "system", "content": "あなたは小野寺絢音です。お嬢様言葉で話します。"}
 QA = [
@@ -24,8 +27,32 @@ QA = [
 ]
 
 
-def _write(path, rows):
+def write_jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+
+
+def write_chat_data(data) -> None:
+    """data/sft.jsonl and data/dpo.jsonl: four persona turns, the お嬢様 answer chosen over the plain one."""
+    data.mkdir()
+    prompts = [[SYSTEM, {"role": "user", "content": q}] for q, _, _ in QA]
+    write_jsonl(
+        data / "sft.jsonl",
+        [
+            {"prompt": p, "completion": [{"role": "assistant", "content": a}], "style": "ojousama"}
+            for p, (_, a, _) in zip(prompts, QA, strict=True)
+        ],
+    )
+    write_jsonl(
+        data / "dpo.jsonl",
+        [
+            {
+                "prompt": p,
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": b}],
+            }
+            for p, (_, a, b) in zip(prompts, QA, strict=True)
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +64,8 @@ def setup(tmp_path_factory):
     model.save_pretrained(root / "tiny", safe_serialization=True)
     tok.save_pretrained(root / "tiny")
     data = root / "data"
-    data.mkdir()
-    prompts = [[SYSTEM, {"role": "user", "content": q}] for q, _, _ in QA]
-    _write(
-        data / "sft.jsonl",
-        [
-            {"prompt": p, "completion": [{"role": "assistant", "content": a}], "style": "ojousama"}
-            for p, (_, a, _) in zip(prompts, QA, strict=True)
-        ],
-    )
-    _write(
-        data / "dpo.jsonl",
-        [
-            {
-                "prompt": p,
-                "chosen": [{"role": "assistant", "content": a}],
-                "rejected": [{"role": "assistant", "content": b}],
-            }
-            for p, (_, a, b) in zip(prompts, QA, strict=True)
-        ],
-    )
-    _write(data / "text.jsonl", [{"text": f"{q} {a}</s>"} for q, a, _ in QA])
+    write_chat_data(data)
+    write_jsonl(data / "text.jsonl", [{"text": f"{q} {a}</s>"} for q, a, _ in QA])
     base = {k: v.to(torch.bfloat16) for k, v in load_file(root / "tiny" / "model.safetensors").items()}
     return types.SimpleNamespace(
         root=root, model=str(root / "tiny"), data=data, base=base, eos=tok.eos_token_id
@@ -147,8 +155,8 @@ def test_dpo_from_scratch_uses_a_fresh_lora_and_rpo_loss(setup):
     recipe = _recipe(
         setup,
         "dpo",
-        dpo_loss=["sigmoid", "sft"],
-        dpo_loss_weights=[1.0, 1.0],
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, 1.0],
         eos_contrast=0.5,
         parrot_contrast=0.5,
     )
@@ -197,9 +205,9 @@ def test_raw_text_never_reaches_trl(setup):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from training.trainers import _trainer_classes
+    from training.stages.sft import sft_trainer_class
 
-    sft_cls, _ = _trainer_classes()
+    sft_cls = sft_trainer_class()
     tok_model = make_tiny_qwen2(make_tokenizer("</s>", split_eos_text=True))
     data = Dataset.from_list([{"prompt": "名前は？", "completion": "小野寺絢音ですわ。"}])
     args = SFTConfig(
@@ -228,30 +236,23 @@ def test_mode_is_picked_and_reported(monkeypatch):
 
 
 def test_bundled_recipes_load_and_match_the_users_settings():
-    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    assert {"sft-7b-qlora", "dpo-7b-qlora", "sft-0.5b-cpu", "dpo-0.5b-cpu"} <= set(names)
-    for name in names:
-        load_recipe(name)
+    names = {p.stem for p in RECIPES_DIR.glob("*.yaml")}  # each loads: tests/test_recipes.py
+    assert {"sft-7b-qlora", "dpo-7b-qlora", "sft-0.5b-cpu", "dpo-0.5b-cpu"} <= names
     users = load_recipe("sft-7b-qlora")
-    assert (users.lora.r, users.lora.alpha, users.lora.dropout, users.lora.target_modules) == (
+    assert (users.lora.r, users.lora.lora_alpha, users.lora.lora_dropout, users.lora.target_modules) == (
         8,
         128,
         0.05,
         "all-linear",
     )
-    assert (users.learning_rate, users.lr_scheduler, users.epochs, users.batch_size) == (1e-5, "cosine", 3, 2)
+    assert (
+        users.learning_rate,
+        users.lr_scheduler_type,
+        users.num_train_epochs,
+        users.per_device_train_batch_size,
+    ) == (1e-5, "cosine", 3, 2)
     assert load_recipe("dpo-7b-qlora").beta == 0.3
-    assert load_recipe("dpo-0.5b-cpu").dpo_loss == ["sigmoid", "sft"]
-
-
-def test_recipe_errors_name_file_and_field(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nstage: sft\nlearning_rat: 1e-5\n")
-    with pytest.raises(RagPersonaError, match="bad.yaml: field 'learning_rat': unknown"):
-        load_recipe(bad)
-    bad.write_text("name: x\nstage: ppo\n")
-    with pytest.raises(RagPersonaError, match="field 'stage'"):
-        load_recipe(bad)
+    assert load_recipe("dpo-0.5b-cpu").loss_type == ["sigmoid", "sft"]
 
 
 def test_train_cli_runs_a_recipe(setup, tmp_path):

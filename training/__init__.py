@@ -1,1 +1,1 @@
-"""Training: datasets from the knowledge base, trainers, label audits, merging and analysis."""
+"""Training: recipes, datasets from the knowledge base, training stages, label audits, merging, analysis."""

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge.facts import Fact, load_knowledge
 from rag_persona.evaluation.metrics import fact_key, is_ojousama, states_fact
+from rag_persona.knowledge.facts import Fact, load_knowledge
 from rag_persona.prompts import Persona, build_messages
 
 

@@ -1,0 +1,102 @@
+"""`rag-persona build-data` and `audit-labels`: the training data and the labels it turns into."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rag_persona.cli import echo_json, friendly
+
+
+def build_data(
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the JSONL files and manifest.")],
+    index: Annotated[
+        Path | None, typer.Option("--index", help="Index folder (default persona index).")
+    ] = None,
+    persona: Annotated[str | None, typer.Option("--persona")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    distractor_rate: Annotated[
+        float, typer.Option(help="Share of examples given extra distractor facts.")
+    ] = 0.3,
+    drop_golden_rate: Annotated[
+        float, typer.Option(help="Share of examples whose golden facts are removed.")
+    ] = 0.1,
+    eval_share: Annotated[float, typer.Option(help="Share of conversations held out for evaluation.")] = 0.1,
+    augment_paraphrases: Annotated[
+        int, typer.Option(help="Teacher-paraphrased training turns to add (0 = off), marked generated.")
+    ] = 0,
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher chat model for augmentation (default: bundled).")
+    ] = None,
+    fact_questions: Annotated[
+        bool,
+        typer.Option(
+            "--fact-questions",
+            help="Add train-only turns from the facts' own questions, answered with the fact itself.",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Regenerate SFT and DPO data (D0 plain, D1 お嬢様, D2 both) from the knowledge base."""
+    from training.data.build import DataConfig, build_datasets
+
+    manifest = build_datasets(
+        DataConfig(
+            out=out,
+            index=index,
+            persona=persona,
+            seed=seed,
+            distractor_rate=distractor_rate,
+            drop_golden_rate=drop_golden_rate,
+            eval_share=eval_share,
+            augment_paraphrases=augment_paraphrases,
+            teacher=teacher,
+            fact_questions=fact_questions,
+        )
+    )
+    if as_json:
+        echo_json(manifest)
+    else:
+        for name, count in manifest["counts"].items():
+            typer.echo(f"{name:<28} {count:>6}")
+        typer.echo(f"written to {out}")
+
+
+def audit_labels_cmd(
+    data: Annotated[Path, typer.Option("--data", help="JSONL: SFT, DPO, text or pre-tokenised rows.")],
+    model: Annotated[str | None, typer.Option("--model", help="Whose tokenizer builds the labels.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Examples to audit and show (0: all).")] = 10,
+    builder: Annotated[str, typer.Option(help="ours (EOS id) or trl (trl's string EOS).")] = "ours",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show the trained tail of each example; exit 1 unless every one ends in the EOS id with no
+    special-token text trained as ordinary pieces."""
+    from training.data.labels import audit_file
+    from training.stages.common import load_tokenizer
+
+    tokenizer, gen_eos, source = load_tokenizer(model)
+    report = audit_file(tokenizer, data, generation_eos_ids=gen_eos, builder=builder, limit=n or None)
+    report["model"] = source
+    if as_json:
+        echo_json(report)
+    else:
+        rows = report["rows"] if n else [r for r in report["rows"] if not r["ok"]][:20]
+        for r in rows:
+            state = "ok  " if r["ok"] else "FAIL"
+            typer.echo(f"{state} {r['source']} [{r['part']}] tail {r['tail_text']!r} ids {r['tail_ids']}")
+            for problem in r["problems"]:
+                typer.echo(f"     - {problem}")
+        typer.echo(
+            f"{report['checked'] - report['failed']}/{report['checked']} ok; EOS id {report['eos_id']} "
+            f"({report['eos_token']!r}); builder {builder}; tokenizer {source}"
+        )
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the `rag-persona` app."""
+    app.command("build-data")(friendly(build_data))
+    app.command("audit-labels")(friendly(audit_labels_cmd))

@@ -1,0 +1,88 @@
+"""Ship a trained adapter into the repo: bf16 weights, its provenance and lineage, a manifest for the chat."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from rag_persona.errors import RagPersonaError
+from rag_persona.utils.io import atomic_folder, write_json
+from training.provenance import file_sha256
+from training.stages.records import PROVENANCE
+
+ADAPTER_MANIFEST = "rag_persona_adapter.json"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _copy_provenance(src: Path, dest: Path) -> None:
+    for name in PROVENANCE:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+
+
+def _copy_lineage(metrics: dict, work: Path) -> None:
+    """Earlier stages (the SFT a DPO run continued) keep their own recipe, data manifest and curve."""
+    ancestor = metrics.get("init_adapter")
+    while ancestor and (Path(ancestor) / "metrics.json").is_file():
+        a_metrics = _read_json(Path(ancestor) / "metrics.json")
+        folder = work / "lineage" / f"{a_metrics.get('stage')}-{a_metrics.get('recipe')}"
+        folder.mkdir(parents=True)
+        _copy_provenance(Path(ancestor), folder)
+        ancestor = a_metrics.get("init_adapter")
+
+
+def _chain(metrics: dict):
+    """This run's metrics, then those of the run it continued, and so on."""
+    m = metrics
+    while m:
+        yield m
+        m = (m.get("lineage") or {}).get("metrics")
+
+
+def ship_adapter(
+    run: str | Path,
+    dest: str | Path,
+    *,
+    default: bool = True,
+    bf16: bool = True,
+    extra: dict | None = None,
+) -> Path:
+    """Copy a trained adapter into the repo (bf16 weights, provenance, rag_persona_adapter.json).
+
+    The chat picks up a shipped adapter marked default for its base model and persona
+    (rag_persona.evaluation.evaluate.default_adapter).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run, dest = Path(run), Path(dest)
+    if not (run / "adapter_config.json").is_file():
+        raise RagPersonaError(f"{run}: not an adapter folder (no adapter_config.json)")
+    metrics = _read_json(run / "metrics.json")
+    with atomic_folder(dest, marker=ADAPTER_MANIFEST, what="a shipped adapter") as work:
+        _copy_provenance(run, work)
+        _copy_lineage(metrics, work)
+        config = _read_json(run / "adapter_config.json")
+        config["base_model_name_or_path"] = metrics["base_model"]  # the alias, not this machine's cache path
+        (work / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tensors = load_file(str(run / "adapter_model.safetensors"))
+        if bf16:
+            tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(work / "adapter_model.safetensors"), metadata={"format": "pt"})
+        info = {
+            "name": dest.name,
+            "base_model": metrics["base_model"],
+            "persona": metrics.get("persona", "ojousama"),
+            "default": default,
+            "stages": [f"{m.get('stage')}:{m.get('recipe')}" for m in reversed(list(_chain(metrics)))],
+            "weights_dtype": "bfloat16" if bf16 else "as trained",
+            "adapter_sha256": file_sha256(work / "adapter_model.safetensors"),
+            "trained_seconds": round(sum(float(m.get("seconds", 0)) for m in _chain(metrics)), 1),
+            **(extra or {}),
+        }
+        write_json(work / ADAPTER_MANIFEST, info, indent=1)
+    return dest
