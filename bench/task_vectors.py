@@ -41,7 +41,8 @@ def run_name(data: str, seed: int, lr: float) -> str:
 
 
 def train_runs(args) -> dict[str, Path]:
-    from training.trainers import load_recipe, train
+    from training.recipes import load_recipe
+    from training.stages import train
 
     runs = {}
     for data, seed, lr in itertools.product(DATASETS, SEEDS, LRS):
@@ -59,7 +60,7 @@ def train_runs(args) -> dict[str, Path]:
             seed=seed,
             max_steps=args.steps,
             max_train_examples=args.steps * 2,
-            warmup_ratio=0.0,
+            warmup_steps=0,
             cpu_threads=args.threads,
             logging_steps=4,
         )
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _norm_rows(runs: dict[str, Path], top_percent: float) -> list[dict]:
-    from training.task_vectors import task_vectors
+    from training.merging.task_vectors import task_vectors
 
     rows = []
     for seed, lr in itertools.product(SEEDS, LRS):
@@ -125,7 +126,7 @@ def _norm_rows(runs: dict[str, Path], top_percent: float) -> list[dict]:
 
 def _seed_rows(runs: dict[str, Path]) -> list[dict]:
     """Same data, seed 42 vs seed 100: how far apart the seed alone puts two runs."""
-    from training.task_vectors import task_vectors
+    from training.merging.task_vectors import task_vectors
 
     rows = []
     for lr, data in itertools.product(LRS, DATASETS):
@@ -159,8 +160,7 @@ def _persona_metrics(args, variants: dict[str, Path | None]) -> dict[str, dict]:
 
     from rag_persona.chat import PersonaChat, default_persona
     from rag_persona.evaluation.evaluate import evaluate_chat, load_prompts, open_retriever
-    from rag_persona.generation import GenerationSettings
-    from rag_persona.generation import load_causal_lm
+    from rag_persona.generation import GenerationSettings, load_causal_lm
 
     prompts = load_prompts(Path(args.data) / "eval_prompts.jsonl")[: args.limit]
     persona = default_persona()
@@ -186,7 +186,7 @@ def _persona_metrics(args, variants: dict[str, Path | None]) -> dict[str, dict]:
 
 
 def analyse(args, runs: dict[str, Path]) -> int:
-    from training.merge import merge_adapters
+    from training.merging.merge import merge_adapters
 
     started = time.perf_counter()
     norms = _norm_rows(runs, 100.0) + _norm_rows(runs, args.top_percent)

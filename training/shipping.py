@@ -43,6 +43,18 @@ def _chain(metrics: dict):
         m = (m.get("lineage") or {}).get("metrics")
 
 
+def _write_gguf_lora(folder: Path, base_model: str) -> str | None:
+    """The llama.cpp copy of the adapter (adapter.gguf) when its base is a bundled GGUF model."""
+    from rag_persona.generation.gguf_lora import GGUF_LORA_FILE, write_gguf_lora
+    from rag_persona.generation.llamacpp import GGUF_FILE, prepare_gguf
+    from rag_persona.generation.models import BUNDLED
+
+    if base_model not in BUNDLED:
+        return None  # a hub/local HF base: llama.cpp users convert the base themselves
+    write_gguf_lora(folder, prepare_gguf(base_model) / GGUF_FILE, folder / GGUF_LORA_FILE)
+    return GGUF_LORA_FILE
+
+
 def ship_adapter(
     run: str | Path,
     dest: str | Path,
@@ -73,6 +85,7 @@ def ship_adapter(
         if bf16:
             tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
         save_file(tensors, str(work / "adapter_model.safetensors"), metadata={"format": "pt"})
+        gguf_lora = _write_gguf_lora(work, metrics["base_model"])
         info = {
             "name": dest.name,
             "base_model": metrics["base_model"],
@@ -82,6 +95,7 @@ def ship_adapter(
             "weights_dtype": "bfloat16" if bf16 else "as trained",
             "adapter_sha256": file_sha256(work / "adapter_model.safetensors"),
             "trained_seconds": round(sum(float(m.get("seconds", 0)) for m in _chain(metrics)), 1),
+            "gguf_lora": gguf_lora,
             **(extra or {}),
         }
         write_json(work / ADAPTER_MANIFEST, info, indent=1)

@@ -302,7 +302,8 @@ async def complete(engine: Engine, req: ChatCompletionRequest):
         "message": {"role": "assistant", "content": reply.text},
         "finish_reason": "stop" if reply.ended_by_eos else "length",
     }
-    return completion.body("chat.completion", [choice], usage=_usage(reply), rag_persona=completion.extra)
+    extra = {**completion.extra, "timings": reply.timings}
+    return completion.body("chat.completion", [choice], usage=_usage(reply), rag_persona=extra)
 
 
 def validation_message(errors: list) -> tuple[str, str]:
@@ -388,7 +389,8 @@ async def _sse(job, completion: Completion, include_usage: bool):
                 yield f"data: {json.dumps(error_body(str(value), 'server_error'), ensure_ascii=False)}\n\n"
                 break
             elif kind == "done":
-                yield completion.chunk({}, "stop" if value.ended_by_eos else "length")
+                finish = "stop" if value.ended_by_eos else "length"
+                yield completion.chunk({}, finish, rag_persona={**completion.extra, "timings": value.timings})
                 if include_usage:
                     body = completion.body("chat.completion.chunk", [], usage=_usage(value))
                     yield f"data: {json.dumps(body)}\n\n"

@@ -13,6 +13,7 @@ import typer
 
 from rag_persona.cli import _progress, friendly
 from rag_persona.errors import RagPersonaError
+from rag_persona.generation.engines import ENGINE_HELP
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -49,6 +50,7 @@ def serve(
     adapter: str | None = None,
     index: str | Path | None = None,
     share: bool = False,
+    engine: str = "auto",
     log=print,
 ) -> None:
     """Load the engine, build the app, and serve it with uvicorn until interrupted."""
@@ -57,17 +59,18 @@ def serve(
 
     from .app import create_app
     from .engine import Engine
+    from .loading import engine_loader
 
     check_port_free(host, port)
-    engine = Engine(model, adapter, index=index, progress=log)
-    app = create_app(engine, auth=auth)
+    chat = Engine(model, adapter, index=index, loader=engine_loader(engine), progress=log)
+    app = create_app(chat, auth=auth)
     if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         log(
             f"warning: listening on {host} without --auth: anyone who can reach it can chat and edit knowledge"
         )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     log(f"chat:  http://{shown}:{port}/")
-    log(f"API:   http://{shown}:{port}/v1/chat/completions (OpenAI-compatible; model '{engine.persona.id}')")
+    log(f"API:   http://{shown}:{port}/v1/chat/completions (OpenAI-compatible; model '{chat.persona.id}')")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     if share:
@@ -124,6 +127,7 @@ def register(app: typer.Typer) -> None:
         share: Annotated[
             str, typer.Option("--share", help="true: also open a public gradio.live link.")
         ] = "false",
+        engine: Annotated[str, typer.Option("--engine", help=ENGINE_HELP)] = "auto",
     ) -> None:
         """Start the Gradio chat with the persona and the OpenAI-compatible /v1/chat/completions on one port."""
         serve(
@@ -134,5 +138,6 @@ def register(app: typer.Typer) -> None:
             adapter=adapter,
             index=index,
             share=parse_bool(share, "--share"),
+            engine=engine,
             log=_progress,
         )

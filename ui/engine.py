@@ -331,6 +331,7 @@ class Engine:
             "model": self.model_name or getattr(loaded, "source", None),
             "source": getattr(loaded, "source", None),
             "adapter": getattr(loaded, "adapter", None) or self.adapter,
+            "engine": getattr(loaded, "engine", "transformers"),
             "device": getattr(loaded, "device", None),
             "dtype": getattr(loaded, "dtype", None),
             "index": str(getattr(self.store, "path", None)),
@@ -410,7 +411,13 @@ class Engine:
             if plan.messages != job.plan.messages:  # pragma: no cover - the builder is deterministic
                 raise RagPersonaError("cross-attention: the prompt differs from the planned one")
         else:
-            stream = ReplyStream(self.loaded, job.plan.messages, settings)
+            stream = ReplyStream(
+                self.loaded,
+                job.plan.messages,
+                opts.generation,
+                cancel=job.cancel_event,
+                retrieval_ms=job.plan.retrieval_ms,
+            )
         job.put("start")
         for piece in stream:
             if piece:

@@ -14,6 +14,8 @@ from pathlib import Path
 from rag_persona.errors import RagPersonaError
 from rag_persona.evaluation.evaluate import resolve_adapter, shipped_adapters
 from rag_persona.generation import load_causal_lm
+from rag_persona.generation.engines import AUTO, open_engine
+from rag_persona.generation.hf_engine import TransformersBackend
 from rag_persona.retrieval.retriever import retriever_for
 from rag_persona.retrieval.store import open_store
 from rag_persona.xattn import DEFAULT_ADAPTER_DIR, WEIGHTS_FILE, decoder_layers, xattn_chat_for
@@ -109,8 +111,20 @@ def shipped_adapter_paths() -> list[str]:
         return []
 
 
-def _default_loader(name, adapter=None, progress=print):
-    return load_causal_lm(name, adapter=adapter, progress=progress)
+def engine_loader(engine: str = AUTO) -> Loader:
+    """A loader giving the chat model on `engine` (auto: llama.cpp for GGUF models on CPU)."""
+
+    def load(name, adapter=None, progress=print):
+        return open_engine(engine, name, adapter=adapter, progress=progress)
+
+    return load
+
+
+def transformers_model(loaded):
+    """The transformers model behind a loaded chat model, or None when another engine runs it."""
+    if isinstance(loaded, TransformersBackend):
+        return loaded.loaded
+    return loaded if hasattr(loaded, "model") and hasattr(loaded, "tokenizer") else None
 
 
 class ModelSlot:
@@ -125,7 +139,7 @@ class ModelSlot:
         xattn_weights: str | Path | None = None,
         progress: Callable[[str], None] = print,
     ):
-        self.loader = loader or _default_loader
+        self.loader = loader or engine_loader()
         self.progress = progress
         self.name = model
         self.adapter = resolve_adapter(model, adapter)  # 'none': the base model; None: the chat's default
@@ -139,8 +153,11 @@ class ModelSlot:
         path = xattn_weights_path(self._xattn_weights)
         if not path.is_file():
             return f"no trained cross-attention weights at {path} (train them: rag-persona train xattn)"
+        hf = transformers_model(self.loaded)
+        if hf is None:  # another engine chats; the transformers copy for this mode loads on first use
+            return None
         try:  # a model without a Llama/Qwen2-style layer stack can never take the blocks
-            decoder_layers(self.loaded.model)
+            decoder_layers(hf.model)
         except RagPersonaError as exc:
             return str(exc)
         return None
@@ -168,9 +185,14 @@ class ModelSlot:
             return self._xattn
         if self._xattn_reason:
             raise RagPersonaError(f"cross-attention mode is unavailable: {self._xattn_reason}")
+        hf = transformers_model(self.loaded)
+        if hf is None:  # prompt mode runs on llama.cpp or a server: this mode needs the torch model
+            self.progress(f"cross-attention mode: loading {self.name or 'the chat model'} in transformers")
+            hf = load_causal_lm(self.name, adapter=self.adapter, progress=self.progress)
+            decoder_layers(hf.model)
         try:
             self._xattn = xattn_chat_for(
-                self.loaded,
+                hf,
                 store,
                 None,
                 persona,

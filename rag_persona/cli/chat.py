@@ -28,30 +28,89 @@ def _write_stream(stream) -> None:
         sys.stdout.flush()
 
 
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="auto (llama.cpp for GGUF chat on CPU, transformers for HF models and CUDA), llama.cpp, "
+        "transformers, or the URL of an OpenAI-compatible server (vLLM, llama.cpp server).",
+    ),
+]
+PersonaOpt = Annotated[
+    str | None, typer.Option("--persona", help="Persona id under knowledge/ (default: ojousama).")
+]
+
+
+def open_chat_engine(engine: str, model: str | None, adapter: str | None):
+    """The chat model on the chosen engine, with the default adapter unless one (or 'none') is named."""
+    from rag_persona.evaluation.evaluate import resolve_adapter
+    from rag_persona.generation.engines import open_engine
+
+    return open_engine(engine, model, adapter=resolve_adapter(model, adapter), progress=_progress)
+
+
 @app.command()
 @friendly
 def ask(
-    message: Annotated[str, typer.Argument(help="What to say.")],
+    message: Annotated[str, typer.Argument(help="What to say to the persona.")],
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
+    engine: EngineOpt = "auto",
+    persona: PersonaOpt = None,
+    index: IndexOpt = None,
+    no_persona: Annotated[
+        bool, typer.Option("--no-persona", help="The bare model: no persona prompt, no retrieval.")
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option()] = 96,
     as_json: JsonOpt = False,
 ) -> None:
-    """One reply from the chat model, streamed to the terminal, stopping at EOS."""
-    from rag_persona.evaluation.evaluate import resolve_adapter
-    from rag_persona.generation import GenerationSettings, ReplyStream, load_causal_lm
+    """One persona turn (retrieve → build → generate), streamed; --json gives reply, context and timings."""
+    from rag_persona.chat import PersonaChat, default_persona
+    from rag_persona.generation import GenerationSettings, ReplyStream
+    from rag_persona.generation.backend import timing_line
+    from rag_persona.retrieval.retriever import retriever_for
 
-    loaded = load_causal_lm(model, adapter=resolve_adapter(model, adapter), progress=_progress)
-    stream = ReplyStream(loaded, [{"role": "user", "content": message}], GenerationSettings(max_new_tokens))
+    backend = open_chat_engine(engine, model, adapter)
+    settings = GenerationSettings(max_new_tokens)
+    if no_persona:
+        context, stream = [], ReplyStream(backend, [{"role": "user", "content": message}], settings)
+    else:
+        store = open_index(index) if index or not persona else _persona_store(persona)
+        turn = PersonaChat(default_persona(persona), retriever_for(store), backend, settings)
+        plan, stream = turn.stream([], message)
+        context = plan.context
     if as_json:
         for _ in stream:
             pass
-        echo_json(stream.reply.to_dict())
+        reply = stream.reply
+        echo_json(
+            {
+                "reply": reply.text,
+                "context": [{"id": f.id, "text": f.text, "score": round(f.score, 4)} for f in context],
+                "timings": reply.timings,
+                "ended_by_eos": reply.ended_by_eos,
+                "stop_reason": reply.stop_reason,
+                "new_tokens": reply.new_tokens,
+                "engine": backend.engine,
+                "model": backend.source,
+                "adapter": getattr(backend, "adapter", None),
+            }
+        )
         return
     _write_stream(stream)
     typer.echo("")
-    end = "EOS" if stream.reply.ended_by_eos else "token limit"
-    _progress(f"{stream.reply.new_tokens} tokens in {stream.reply.seconds:.1f}s, ended by {end}")
+    reply = stream.reply
+    end = "EOS" if reply.ended_by_eos else reply.stop_reason
+    _progress(
+        f"{reply.new_tokens} tokens in {reply.seconds:.1f}s on {backend.engine}, ended by {end}; "
+        + timing_line(reply.timings)
+    )
+
+
+def _persona_store(persona: str):
+    from rag_persona.retrieval.store import open_store
+
+    return open_store(None, persona, progress=True, log=_progress)
 
 
 def _terminal_chat(answer: Callable[[list[dict], str], tuple[str, object] | None]) -> None:
@@ -87,6 +146,8 @@ def chat(
         str, typer.Option("--mode", help="prompt, or xattn: retrieved facts enter by cross-attention.")
     ] = "prompt",
     index: IndexOpt = None,
+    engine: EngineOpt = "auto",
+    persona: PersonaOpt = None,
 ) -> None:
     """A terminal chat with history (Ctrl-D or an empty line to leave)."""
     if mode == "xattn":
@@ -94,13 +155,12 @@ def chat(
     if mode != "prompt":
         raise RagPersonaError(f"chat: mode {mode!r} is not one of prompt, xattn")
     from rag_persona.chat import PersonaChat, default_persona
-    from rag_persona.evaluation.evaluate import resolve_adapter
-    from rag_persona.generation import load_causal_lm
     from rag_persona.retrieval.retriever import retriever_for
 
-    retriever = retriever_for(open_index(index))
-    loaded = load_causal_lm(model, adapter=resolve_adapter(model, adapter), progress=_progress)
-    persona_chat = PersonaChat(default_persona(), retriever, loaded)
+    store = open_index(index) if index or not persona else _persona_store(persona)
+    persona_chat = PersonaChat(
+        default_persona(persona), retriever_for(store), open_chat_engine(engine, model, adapter)
+    )
 
     def answer(history: list[dict], message: str):
         try:
@@ -184,6 +244,8 @@ def evaluate(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 96,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
+    engine: EngineOpt = "auto",
+    persona: PersonaOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Each prompt through retrieval + the prompt builder + generation; persona metrics over the replies."""
@@ -198,6 +260,8 @@ def evaluate(
         weights=weights,
         max_new_tokens=max_new_tokens,
         limit=limit,
+        engine=engine,
+        persona=persona,
         progress=_progress,
     )
     if as_json:

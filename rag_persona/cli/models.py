@@ -27,17 +27,19 @@ def models_prepare(
 @models_app.command("list")
 @friendly
 def models_list(as_json: JsonOpt = False) -> None:
-    """Show bundled models: installed, prepared, sizes and hashes."""
+    """Show bundled models: installed, prepared, sizes, hashes and the engine each chats on."""
     from rag_persona.generation import list_models
+    from rag_persona.generation.engines import choose_engine
 
-    rows = list_models()
+    rows = [{**r, "engine": choose_engine("auto", r["alias"])} for r in list_models()]
     if as_json:
         echo_json(rows)
         return
     for r in rows:
         state = "prepared" if r["prepared"] else ("installed" if r["installed"] else "not installed")
         typer.echo(
-            f"{r['alias']:<22} {state:<14} {r['gguf_bytes'] / 1e6:8.1f} MB  sha256 {r['sha256'][:16]}…"
+            f"{r['alias']:<22} {state:<14} {r['gguf_bytes'] / 1e6:8.1f} MB  sha256 {r['sha256'][:16]}…  "
+            f"chat engine: {r['engine']}"
         )
         if r["path"]:
             typer.echo(f"{'':<22} {r['path']} ({r['prepared_bytes'] / 1e6:.1f} MB)")

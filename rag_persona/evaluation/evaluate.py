@@ -177,13 +177,14 @@ def run_evaluation(
     limit: int | None = None,
     loaded=None,
     weights: str | Path | None = None,
+    engine: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Load the model (+ default adapter), the persona and its index, and evaluate the prompts."""
     if mode not in MODES:
         raise RagPersonaError(f"evaluate: mode {mode!r} is not one of {', '.join(MODES)}")
     from rag_persona.chat import default_persona
-    from rag_persona.generation import load_causal_lm
+    from rag_persona.generation.engines import open_engine
 
     prompts = load_prompts(prompts_path)[:limit] if limit else load_prompts(prompts_path)
     the_persona = default_persona(persona)
@@ -209,7 +210,7 @@ def run_evaluation(
     else:
         adapter = resolve_adapter(model, adapter)
         if loaded is None:
-            loaded = load_causal_lm(model, adapter=adapter, progress=progress or (lambda m: None))
+            loaded = open_engine(engine, model, adapter=adapter, progress=progress or (lambda m: None))
         chat = PersonaChat(the_persona, retriever, loaded, settings)
     facts = {f.id: f.text for f in store.facts}
     out = evaluate_chat(chat, prompts, facts, progress=progress)
@@ -221,5 +222,6 @@ def run_evaluation(
         "prompts": str(prompts_path),
         "max_new_tokens": max_new_tokens,
         "persona": the_persona.id,
+        "engine": getattr(loaded, "engine", "transformers"),
     }
     return out

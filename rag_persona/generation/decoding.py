@@ -2,64 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from rag_persona.errors import RagPersonaError
-
-
-class ReplyNoRepeatNGram:
-    """Logits processor: ban any token that would repeat an n-gram of the generated reply (prompt excluded).
-
-    The prompt length is taken from the first call, so make one instance per `generate` call.
-    """
-
-    def __init__(self, n: int):
-        if n < 2:
-            raise RagPersonaError(f"reply_no_repeat_ngram: {n} must be at least 2")
-        self.n, self.start = n, None
-
-    def __call__(self, input_ids, scores):
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        n = self.n
-        for row, ids in enumerate(input_ids[:, self.start :].tolist()):
-            if len(ids) < n:
-                continue
-            tail = ids[len(ids) - n + 1 :]
-            banned = {ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i : i + n - 1] == tail}
-            if banned:
-                scores[row, list(banned)] = float("-inf")
-        return scores
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding settings; greedy by default so replies are reproducible."""
-
-    max_new_tokens: int = 96
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.9
-    repetition_penalty: float = 1.05
-    # > 0: the reply never repeats one of its own n-grams (stops small models' loops). Unlike transformers'
-    # no_repeat_ngram_size, the prompt is not counted, so facts can still be copied from the context.
-    reply_no_repeat_ngram: int = 4
-    seed: int | None = None
-
-    def to_generate_kwargs(self) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.reply_no_repeat_ngram:
-            from transformers import LogitsProcessorList
-
-            kwargs["logits_processor"] = LogitsProcessorList([ReplyNoRepeatNGram(self.reply_no_repeat_ngram)])
-        if self.do_sample:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
+from rag_persona.generation.backend import STOP_EOS
+from rag_persona.generation.config import GenerationSettings
+from rag_persona.utils.tokens import eos_token_ids
 
 
 @dataclass
@@ -72,17 +24,11 @@ class Reply:
     prompt_tokens: int
     seconds: float
     first_token_seconds: float | None = None
+    stop_reason: str = ""  # eos, length or cancelled
+    timings: dict = field(default_factory=dict)  # backend.Timings: prompt/cached tokens, prefill, TTFT, tok/s
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = list(ids) if isinstance(ids, list | tuple) else ([ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def encode_messages(tokenizer, messages: list[dict]):
@@ -94,63 +40,72 @@ def encode_messages(tokenizer, messages: list[dict]):
     )["input_ids"]
 
 
-class ReplyStream:
-    """Iterate to receive text pieces as they are decoded; `.reply` is set once iteration ends."""
+def generate_kwargs(settings, model, tokenizer) -> dict:
+    """`generate` arguments for these settings, with the model's EOS ids and pad id in its GenerationConfig.
 
-    def __init__(self, loaded, messages: list[dict], settings: GenerationSettings | None = None):
+    `settings` is a GenerationSettings or anything with `to_generate_kwargs()` (a wrapper that adds a
+    stopping criterion or a KV cache); its generation_config is copied, never changed.
+    """
+    kwargs = dict(settings.to_generate_kwargs())
+    ids = {"eos_token_id": eos_token_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    if kwargs.get("generation_config") is None:  # settings that pass plain generate() keywords
+        return {**kwargs, **ids}
+    config = copy.deepcopy(kwargs["generation_config"])
+    config.update(**ids)
+    return {**kwargs, "generation_config": config}
+
+
+def as_backend(loaded):
+    """A ChatBackend for what the caller holds: an engine already, or a transformers `LoadedModel`."""
+    if hasattr(loaded, "engine") and hasattr(loaded, "generate"):
+        return loaded
+    from rag_persona.generation.hf_engine import TransformersBackend
+
+    return TransformersBackend(loaded)
+
+
+class ReplyStream:
+    """Iterate to receive text pieces as they are decoded; `.reply` is set once iteration ends.
+
+    `loaded` is any ChatBackend (llama.cpp, transformers, remote) or a transformers `LoadedModel`; the
+    prompt ids always come from `encode_messages` over our one prompt builder's messages.
+    """
+
+    def __init__(
+        self,
+        loaded,
+        messages: list[dict],
+        settings: GenerationSettings | None = None,
+        cancel: threading.Event | None = None,
+        retrieval_ms: float | None = None,
+    ):
         self.loaded = loaded
+        self.retrieval_ms = retrieval_ms  # reported with the engine's timings (the turn's retrieval)
         self.messages = messages
         self.settings = settings or GenerationSettings()
+        self.cancel = cancel
         self.reply: Reply | None = None
 
     def __iter__(self) -> Iterator[str]:
-        import torch
-        from transformers import TextIteratorStreamer
-
-        model, tokenizer = self.loaded.model, self.loaded.tokenizer
-        input_ids = encode_messages(tokenizer, self.messages).to(model.device)
-        eos = eos_token_ids(model, tokenizer)
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        out: dict = {}
-
-        def run() -> None:
-            try:
-                if self.settings.seed is not None:
-                    torch.manual_seed(self.settings.seed)
-                with torch.inference_mode():
-                    out["ids"] = model.generate(
-                        input_ids=input_ids,
-                        attention_mask=torch.ones_like(input_ids),
-                        eos_token_id=eos,
-                        pad_token_id=tokenizer.pad_token_id,
-                        streamer=streamer,
-                        **self.settings.to_generate_kwargs(),
-                    )
-            except BaseException as exc:  # surfaced in the consumer thread below
-                out["error"] = exc
-                streamer.end()
-
+        backend = as_backend(self.loaded)
+        ids = encode_messages(backend.tokenizer, self.messages)[0].tolist()
         started = time.perf_counter()
-        first = None
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        pieces = []
-        for piece in streamer:
+        gen = backend.generate(ids, self.settings, self.cancel)
+        first, pieces = None, []
+        for piece in gen:
             if first is None and piece:
                 first = time.perf_counter() - started
             pieces.append(piece)
             yield piece
-        thread.join()
-        if "error" in out:
-            raise out["error"]
-        new_ids = out["ids"][0, input_ids.shape[1] :].tolist()
         self.reply = Reply(
             text="".join(pieces).strip(),
-            ended_by_eos=bool(new_ids) and new_ids[-1] in eos,
-            new_tokens=len(new_ids),
-            prompt_tokens=int(input_ids.shape[1]),
+            ended_by_eos=gen.stop_reason == STOP_EOS,
+            new_tokens=gen.timings.completion_tokens,
+            prompt_tokens=len(ids),
             seconds=time.perf_counter() - started,
             first_token_seconds=first,
+            stop_reason=gen.stop_reason or "",
+            timings={**gen.timings.to_dict(), "retrieval_ms": self.retrieval_ms},
         )
 
 

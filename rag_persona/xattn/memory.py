@@ -1,10 +1,10 @@
-"""Fact encodings for cross-attention memory, computed once and cached inside the index folder.
+"""Fact encodings for cross-attention memory: cached inside the index folder, packed per batch as `Memory`.
 
 ``<index>/xattn/<model-fingerprint[:16]>-<encoder-key[:8]>.safetensors`` holds one tensor per fact id
 (the frozen base model's hidden states of the fact at each cross-attention layer) plus metadata: the
 full model fingerprint, the encoder config, the knowledge hash and a sha256 per fact text. An entry is
 reused only when model, encoder config and fact text all match; edited or new facts are encoded and
-the file is rewritten atomically (temporary sibling + rename), so readers never see half a file.
+the file is rewritten atomically (`rag_persona.utils.io`), so readers never see half a file.
 The encodings do not depend on the trained cross-attention weights: retraining keeps the cache valid.
 """
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.utils.io import write_file_atomic
 
 CACHE_DIR = "xattn"
 CACHE_FORMAT = "1"
@@ -64,6 +63,32 @@ class FactEncodings:
         return sum(t.numel() * t.element_size() for t in self.by_id.values())
 
 
+@dataclass
+class Memory:
+    """Memory for one batch: per item, the concatenated encodings of its facts.
+
+    states: (B, S, M, D) – S = one slice per cross-attention layer ("hidden") or 1 shared slice ("e5");
+    mask: (B, M) bool, True where a memory token is real.
+    start: positions before it never see the memory. Chat and training use the end of the system turn: as
+    in prompt mode, where the instruction precedes the context block, its tokens (and their KV cache) do
+    not depend on the facts. None means "after the system turn", resolved by `XattnReplyStream` from the
+    prompt (a plain forward treats None as 0).
+    """
+
+    states: object
+    mask: object
+    fact_ids: list[list[str]] = field(default_factory=list)
+    start: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def empty(self) -> bool:
+        return self.mask.numel() == 0 or not bool(self.mask.any())
+
+
 def read_cache(path: Path, xmodel) -> FactEncodings:
     """The usable part of a cache file: empty when missing, unreadable, or made for another model/encoder."""
     from safetensors import safe_open
@@ -92,7 +117,6 @@ def write_cache(encodings: FactEncodings, xmodel, knowledge_hash: str | None = N
     path = encodings.path
     if path is None:
         raise RagPersonaError("xattn cache: no path to write to")
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": CACHE_FORMAT,
         "fingerprint": xmodel.fingerprint,
@@ -102,16 +126,7 @@ def write_cache(encodings: FactEncodings, xmodel, knowledge_hash: str | None = N
         "text_sha": json.dumps(encodings.text_sha, sort_keys=True),
     }
     tensors = {k: v.contiguous() for k, v in encodings.by_id.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_or_build_encodings(

@@ -10,6 +10,8 @@ from typing import Any
 
 import gradio as gr
 
+from rag_persona.generation.backend import timing_line
+
 from ..engine import RETRIEVAL_MODES, Engine
 
 CONTEXT_LABELS = {"prompt": "prompt", "xattn": "cross-attention"}
@@ -153,7 +155,7 @@ def rendered_prompt(engine: Engine, messages: list[dict]) -> str:
 
 
 def reply_info(reply) -> str:
+    """The small line under a reply: length, time, how it ended, and the engine's timings."""
     end = "EOS" if reply.ended_by_eos else "token limit"
-    ttft = f", first token {reply.first_token_seconds:.2f}s" if reply.first_token_seconds else ""
-    speed = reply.new_tokens / reply.seconds if reply.seconds else 0.0
-    return f"{reply.new_tokens} tokens in {reply.seconds:.1f}s ({speed:.1f} tok/s{ttft}), ended by {end}"
+    line = f"{reply.new_tokens} tokens in {reply.seconds:.1f}s, ended by {end}"
+    return f"{line} · {timing_line(reply.timings)}" if reply.timings else line
