@@ -67,7 +67,6 @@ class Generation:
     steps: Iterator[tuple[int | None, str, str | None]]
     prompt_tokens: int
     eos_ids: frozenset[int]
-    max_new_tokens: int
     cancel: threading.Event | None = None
     cached_tokens: int = 0
     decoder: IncrementalDecoder | None = None  # local engines: token ids → text, one rule for all
@@ -75,6 +74,20 @@ class Generation:
     stop_reason: str | None = None
     completion_ids: list[int] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
+
+    @classmethod
+    def of_tokens(
+        cls, steps, tokenizer, prompt_ids, eos_ids, cancel=None, cached_tokens: int = 0
+    ) -> Generation:
+        """A local engine's generation: token-id steps decoded by the HF tokenizer the prompt was built with."""
+        return cls(
+            steps=steps,
+            decoder=IncrementalDecoder(tokenizer),
+            prompt_tokens=len(prompt_ids),
+            eos_ids=frozenset(eos_ids),
+            cancel=cancel,
+            cached_tokens=cached_tokens,
+        )
 
     def __iter__(self) -> Iterator[str]:
         started = time.perf_counter()

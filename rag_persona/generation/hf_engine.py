@@ -6,7 +6,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from rag_persona.generation.backend import Generation, IncrementalDecoder
+from rag_persona.generation.backend import Generation
 from rag_persona.utils.tokens import eos_token_ids
 
 _DONE = object()
@@ -62,15 +62,8 @@ class TransformersBackend:
         return eos_token_ids(self.loaded.model, self.loaded.tokenizer)
 
     def generate(self, prompt_ids: list[int], settings, cancel: threading.Event | None = None) -> Generation:
-        eos = frozenset(self.eos_ids())
-        return Generation(
-            steps=self._steps(list(prompt_ids), settings, cancel),
-            decoder=IncrementalDecoder(self.tokenizer),
-            prompt_tokens=len(prompt_ids),
-            eos_ids=eos,
-            max_new_tokens=settings.max_new_tokens,
-            cancel=cancel,
-        )
+        steps = self._steps(list(prompt_ids), settings, cancel)
+        return Generation.of_tokens(steps, self.tokenizer, prompt_ids, self.eos_ids(), cancel)
 
     def _steps(self, prompt_ids, settings, cancel):
         import torch

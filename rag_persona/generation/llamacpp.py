@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.generation.backend import Generation, IncrementalDecoder
+from rag_persona.generation.backend import Generation
 from rag_persona.generation.gguf_lora import GGUF_LORA_FILE, source_sha256, weights_sha256, write_gguf_lora
 from rag_persona.generation.models import BUNDLED, join_and_verify
 from rag_persona.settings import get_settings
@@ -176,14 +176,9 @@ class LlamaCppBackend:
             )
         eos = frozenset(self.eos_ids())
         cached = self.llama.longest_token_prefix(self.llama._input_ids.tolist(), prompt_ids)
-        return Generation(
-            steps=self._steps(list(prompt_ids), settings, eos),
-            decoder=IncrementalDecoder(self.tokenizer),
-            prompt_tokens=len(prompt_ids),
-            eos_ids=eos,
-            max_new_tokens=settings.max_new_tokens,
-            cancel=cancel,
-            cached_tokens=min(cached, len(prompt_ids) - 1),
+        steps = self._steps(list(prompt_ids), settings, eos)
+        return Generation.of_tokens(
+            steps, self.tokenizer, prompt_ids, eos, cancel, cached_tokens=min(cached, len(prompt_ids) - 1)
         )
 
     def _steps(self, prompt_ids: list[int], settings, eos: frozenset[int]):

@@ -64,7 +64,6 @@ class RemoteBackend:
             steps=iter(()),
             prompt_tokens=len(prompt_ids),
             eos_ids=frozenset(self.eos_ids()),
-            max_new_tokens=settings.max_new_tokens,
             cancel=cancel,
         )
         gen.steps = self._steps(list(prompt_ids), settings, gen)
