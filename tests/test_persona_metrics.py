@@ -147,5 +147,6 @@ def test_judge_and_summary():
     assert s["fact_accuracy"] == 0.5
     assert s["offtopic_handling"] == pytest.approx(1 / 3, abs=1e-3)
     assert s["style_rate"] == 0.8 and s["eos_rate"] == 0.8 and s["leak_rate"] == 0.0
+    assert s["foreign_register_rate"] == 0.0  # her own endings are never foreign
     assert s["one_sentence_rate"] == 0.6  # the weather reply and the code reply have two
     assert s["median_chars"] == 13

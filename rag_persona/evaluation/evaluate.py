@@ -18,7 +18,7 @@ from rag_persona.chat import PersonaChat
 from rag_persona.errors import RagPersonaError
 from rag_persona.evaluation.metrics import PromptResult, judge, summarize
 from rag_persona.generation import GenerationSettings
-from rag_persona.prompts import Persona
+from rag_persona.prompts import PERSONA_FILE, Persona
 from rag_persona.retrieval import open_store, retriever_for
 from rag_persona.settings import REPO_ROOT, get_settings
 from rag_persona.utils.io import read_json, read_jsonl
@@ -43,9 +43,10 @@ def default_adapter(
 ) -> str | None:
     """The adapter the chat applies when none is named.
 
-    RAG_PERSONA_CHAT_ADAPTER wins (a folder, or "none" for the plain base model); otherwise the shipped
-    adapter whose manifest names this base model and persona as its default. Only the default chat model
-    gets one unless a shipped adapter names the model given.
+    RAG_PERSONA_CHAT_ADAPTER wins (a folder, or "none" for the plain base model); then the adapter the
+    persona's persona.json names (`persona_adapter`); otherwise the shipped adapter whose manifest names
+    this base model and persona as its default. Only the default chat model gets one unless a shipped
+    adapter names the model given; a persona no adapter names gets the plain base model.
     """
     env = os.environ.get("RAG_PERSONA_CHAT_ADAPTER")
     if env is not None:
@@ -53,17 +54,39 @@ def default_adapter(
     settings = get_settings()
     model = model or settings.chat_model
     persona = persona or settings.persona
+    card = settings.persona_dir(persona) / PERSONA_FILE
+    named = persona_adapter(Persona.load(card), model, root) if card.is_file() else None
+    if named:
+        return named
     for info in shipped_adapters(root):
         if info.get("default") and info.get("base_model") == model and info.get("persona") == persona:
             return info["path"]
     return None
 
 
-def resolve_adapter(model: str | None, adapter: str | None) -> str | None:
-    """An explicit --adapter (or 'none'), else the default adapter for this model."""
+def persona_adapter(persona: Persona, model: str, root: Path | None = None) -> str | None:
+    """The adapter persona.json's "adapter" names: a folder relative to the persona folder, else a shipped
+    adapter's folder name under adapters/. None when it names none, or when its manifest names another
+    base model (an adapter only fits the model it was trained on)."""
+    if not persona.adapter:
+        return None
+    root = root or ADAPTERS_ROOT
+    candidates = ([persona.folder / persona.adapter] if persona.folder else []) + [root / persona.adapter]
+    folder = next((c for c in candidates if c.is_dir()), None)
+    if folder is None:
+        where = persona.folder / PERSONA_FILE if persona.folder else f"persona {persona.id}"
+        looked = " or ".join(str(c.parent) for c in candidates)
+        raise RagPersonaError(f"{where}: field 'adapter': no adapter folder {persona.adapter!r} in {looked}")
+    manifest = folder / ADAPTER_MANIFEST
+    base = read_json(manifest).get("base_model") if manifest.is_file() else None
+    return str(folder.resolve()) if base in (None, model) else None
+
+
+def resolve_adapter(model: str | None, adapter: str | None, persona: str | None = None) -> str | None:
+    """An explicit --adapter (or 'none'), else the default adapter for this model and persona."""
     if adapter is not None:
         return None if adapter.strip().lower() in NO_ADAPTER else adapter
-    return default_adapter(model)
+    return default_adapter(model, persona)
 
 
 # -- prompts ---------------------------------------------------------------------------------------------
@@ -149,7 +172,12 @@ def evaluate_chat(
         )
         results.append(
             judge(
-                result, facts, persona_words=persona_words(chat.persona), extra_special=extra, tokens=tokens
+                result,
+                facts,
+                persona_words=persona_words(chat.persona),
+                extra_special=extra,
+                tokens=tokens,
+                markers=chat.persona.markers,  # the persona's register; None (no style): the お嬢様 default
             )
         )
         if progress:
@@ -208,7 +236,7 @@ def run_evaluation(
         loaded = chat.loaded
         adapter = loaded.info.get("xattn", {}).get("weights")
     else:
-        adapter = resolve_adapter(model, adapter)
+        adapter = resolve_adapter(model, adapter, persona)
         if loaded is None:
             loaded = open_engine(engine, model, adapter=adapter, progress=progress or (lambda m: None))
         chat = PersonaChat(the_persona, retriever, loaded, settings)

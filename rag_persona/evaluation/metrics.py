@@ -1,7 +1,9 @@
-"""Persona metrics: お嬢様 style, length, sentences, EOS, leaked special-token text, facts, off-topic.
+"""Persona metrics: register (style), length, sentences, EOS, leaked special-token text, facts, off-topic.
 
-The お嬢様 marker list lives here and nowhere else. Every check is a plain, documented rule so a score can
-be explained by pointing at the reply.
+A reply is in register when it holds one of the persona's style markers (persona.json style.markers, see
+`Persona.markers`); callers that name no markers get the お嬢様 markers, the project's default register, whose
+list lives here and nowhere else (knowledge/ojousama/persona.json carries the same list, pinned by a test).
+Every check is a plain, documented rule so a score can be explained by pointing at the reply.
 """
 
 from __future__ import annotations
@@ -87,12 +89,32 @@ def leaked_special_text(text: str, extra: Iterable[str] = ()) -> list[str]:
 _SENTENCE_END = re.compile(r"[。．！？!?]+[」』）)]*|\n+")
 
 
-def style_markers(text: str) -> list[str]:
-    return [m for m in OJOUSAMA_MARKERS if m in text]
+def style_markers(text: str, markers: Sequence[str] | None = None) -> list[str]:
+    """The markers (default: the お嬢様 markers) found in the text, in list order."""
+    return [m for m in (OJOUSAMA_MARKERS if markers is None else markers) if m in text]
+
+
+def in_register(text: str, markers: Sequence[str] | None = None) -> bool:
+    return bool(style_markers(text, markers))
 
 
 def is_ojousama(text: str) -> bool:
-    return bool(style_markers(text))
+    return in_register(text)
+
+
+# 「ですの」「ますの」… followed by 「で」 are ordinary 「〜ますので」, not the お嬢様 ending (foreign check only).
+_FOREIGN = {m: re.compile(re.escape(m) + ("(?!で)" if m.endswith("の") else "")) for m in OJOUSAMA_MARKERS}
+
+
+def foreign_markers(text: str, markers: Sequence[str] | None = None) -> list[str]:
+    """お嬢様 markers in the reply of a persona whose own markers do not include them: a non-お嬢様 persona
+    slipping into the register the shipped adapter was trained on (none for the お嬢様 herself).
+
+    Stricter than `style_markers`: 「ですの」「ますの」… followed by 「で」 are ordinary 「〜ますので」 and
+    do not count (the style rate keeps its old rule so earlier results stay comparable).
+    """
+    own = set(OJOUSAMA_MARKERS if markers is None else markers)
+    return [m for m in OJOUSAMA_MARKERS if m not in own and _FOREIGN[m].search(text)]
 
 
 def char_length(text: str) -> int:
@@ -108,25 +130,32 @@ def sentence_count(text: str) -> int:
 
 @dataclass
 class ReplyMetrics:
-    style: bool
+    style: bool | None  # None: the persona has no style markers, so there is no register to check
     markers: list[str]
     chars: int
     sentences: int
     ended_by_eos: bool
     leaked: list[str]
+    foreign: list[str] = field(default_factory=list)  # お嬢様 markers a non-お嬢様 persona used
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def reply_metrics(text: str, ended_by_eos: bool, extra_special: Iterable[str] = ()) -> ReplyMetrics:
+def reply_metrics(
+    text: str, ended_by_eos: bool, extra_special: Iterable[str] = (), markers: Sequence[str] | None = None
+) -> ReplyMetrics:
+    """The per-reply checks; `markers` are the persona's style markers (None: the お嬢様 markers)."""
+    found = style_markers(text, markers)
+    no_register = markers is not None and not markers
     return ReplyMetrics(
-        style=is_ojousama(text),
-        markers=style_markers(text),
+        style=None if no_register else bool(found),
+        markers=found,
         chars=char_length(text),
         sentences=sentence_count(SPECIAL_TEXT_RE.sub("", text)),  # a leak is counted once, as a leak
         ended_by_eos=bool(ended_by_eos),
         leaked=leaked_special_text(text, extra_special),
+        foreign=foreign_markers(text, markers),
     )
 
 
@@ -280,9 +309,14 @@ def judge(
     persona_words: Iterable[str] = (),
     extra_special: Iterable[str] = (),
     tokens: Callable[[str], list[str]] | None = None,
+    markers: Sequence[str] | None = None,
 ) -> PromptResult:
-    """Fill in metrics, fact correctness (golden prompts) and off-topic handling (no golden fact)."""
-    result.metrics = reply_metrics(result.reply, result.ended_by_eos, extra_special)
+    """Fill in metrics, fact correctness (golden prompts) and off-topic handling (no golden fact).
+
+    `markers`: the persona's style markers (None: the お嬢様 markers). An off-topic reply is handled when it
+    is in register (unless the persona has no markers), repeats no retrieved fact and does not do the task.
+    """
+    result.metrics = reply_metrics(result.reply, result.ended_by_eos, extra_special, markers)
     persona_words = list(persona_words)
     if result.golden_ids:
         keys = [
@@ -299,7 +333,8 @@ def judge(
             if fid in facts
         ]
         repeats_context = any(states_fact(k, result.reply, tokens) for k in keys)
-        result.offtopic_ok = result.metrics.style and not repeats_context and not does_task(result.reply)
+        in_style = result.metrics.style is not False
+        result.offtopic_ok = in_style and not repeats_context and not does_task(result.reply)
         result.fact_correct = None
     return result
 
@@ -309,7 +344,11 @@ def _rate(values: Sequence[bool]) -> float | None:
 
 
 def summarize(results: Sequence[PromptResult], length_range: tuple[int, int] = (15, 45)) -> dict:
-    """Rates over all replies; fact accuracy over golden prompts; off-topic handling over the rest."""
+    """Rates over all replies; fact accuracy over golden prompts; off-topic handling over the rest.
+
+    style_rate: share of replies in the persona's register (None when it has no markers);
+    foreign_register_rate: share of replies holding お嬢様 markers that are not the persona's own.
+    """
     ms = [r.metrics for r in results if r.metrics is not None]
     chars = [m.chars for m in ms]
     fact = [bool(r.fact_correct) for r in results if r.fact_correct is not None]
@@ -317,7 +356,8 @@ def summarize(results: Sequence[PromptResult], length_range: tuple[int, int] = (
     lo, hi = length_range
     return {
         "n": len(ms),
-        "style_rate": _rate([m.style for m in ms]),
+        "style_rate": _rate([m.style for m in ms if m.style is not None]),
+        "foreign_register_rate": _rate([bool(m.foreign) for m in ms]),
         "median_chars": statistics.median(chars) if chars else None,
         "length_in_range_rate": _rate([lo <= c <= hi for c in chars]),
         "one_sentence_rate": _rate([m.sentences == 1 for m in ms]),

@@ -1,4 +1,4 @@
-"""Load the persona's dialogues (user turn, お嬢様 answer, plain answer, fact ids) with one-line errors."""
+"""Load the persona's dialogues (user turn, in-register answer, plain answer, fact ids) with one-line errors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.utils.io import read_jsonl
 
 STYLES = ("plain", "ojousama")
+# The in-register answer's key: "styled" for any persona; the first persona's files say "ojousama".
+_STYLED_KEYS = ("styled", "ojousama")
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,11 @@ def load_dialogues(path: str | Path, known_fact_ids: set[str] | None = None) -> 
             raise RagPersonaError(f"{where}: field 'turns': must be a non-empty list")
         turns = []
         for i, t in enumerate(raw_turns):
-            for field in ("user", "ojousama", "plain"):
-                if not isinstance(t, dict) or not isinstance(t.get(field), str) or not t[field].strip():
+            if not isinstance(t, dict):
+                raise RagPersonaError(f"{where}: field 'turns[{i}]': must be an object")
+            styled_key = next((k for k in _STYLED_KEYS if k in t), "styled")
+            for field in ("user", styled_key, "plain"):
+                if not isinstance(t.get(field), str) or not t[field].strip():
                     raise RagPersonaError(f"{where}: field 'turns[{i}].{field}': missing or empty")
             facts = t.get("facts", [])
             if not isinstance(facts, list) or not all(isinstance(f, str) for f in facts):
@@ -55,6 +60,6 @@ def load_dialogues(path: str | Path, known_fact_ids: set[str] | None = None) -> 
             unknown = [f for f in facts if known_fact_ids is not None and f not in known_fact_ids]
             if unknown:
                 raise RagPersonaError(f"{where}: field 'turns[{i}].facts': unknown fact id {unknown[0]!r}")
-            turns.append(Turn(t["user"].strip(), t["ojousama"].strip(), t["plain"].strip(), tuple(facts)))
+            turns.append(Turn(t["user"].strip(), t[styled_key].strip(), t["plain"].strip(), tuple(facts)))
         conversations.append(Conversation(cid, str(obj.get("kind", "")), tuple(turns)))
     return conversations
