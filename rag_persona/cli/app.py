@@ -5,6 +5,7 @@ from __future__ import annotations
 # Importing a command module registers its commands; this order is the order `--help` lists them in.
 from rag_persona.cli import chat as _chat_commands  # noqa: F401  ask, chat, render-prompt, evaluate
 from rag_persona.cli import models as _model_commands  # noqa: F401  models prepare|list
+from rag_persona.cli import persona as _persona_commands  # noqa: F401  persona import|export
 from rag_persona.cli import retrieval as _retrieval_commands  # noqa: F401  index, search, eval-…, tune-…
 from rag_persona.cli.common import _progress, app, echo_json, friendly
 

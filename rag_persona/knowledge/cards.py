@@ -1,0 +1,508 @@
+"""SillyTavern character cards (V1/V2/V3, JSON or PNG) to persona folders and back.
+
+Card → persona folder (`load_card`, then `card_to_persona`), every text after macro resolution ({{char}},
+<BOT>, <CHAR> → the card's name (V3: its nickname); {{user}}, <USER> → `user_name`, default 「あなた」;
+case-insensitive; {{original}} dropped; other macros kept as written):
+
+- persona.json (the schema of rag_persona.prompts.Persona): ``id`` (--id, else the id a rag-persona export
+  stored, else a lower-case ASCII slug of the name or of the file name); ``name``; ``summary`` =
+  description (else personality, else scenario), on one line; ``greeting`` = first_mes;
+  ``style.instruction`` = the other two of personality (「性格：…」) and scenario (「場面：…」) plus
+  system_prompt, as one line of sentences; ``style.examples``, ``style.first_person`` and ``style.markers``
+  from mes_example (below). A card written by `persona_to_card` carries data.extensions.rag_persona (id,
+  reading, style, reply_length): its style is taken instead of the derived one (instruction excepted, which
+  always comes from the card's text).
+- facts.jsonl: one fact per enabled character_book entry: ``text`` = content (leading @@decorator lines
+  dropped), ``keywords`` = keys + secondary_keys, ``questions`` = the question-like keys (`is_question`),
+  ``constant: true`` for constant entries (questions and tags come back from the entry's
+  extensions.rag_persona when a rag-persona export put them there). Ids: slug of the entry's name, else
+  comment, else "entry-<id>", else "entry-<position>", made unique with -2, -3, … Disabled entries are
+  skipped, and so are entries whose content is empty (the V3 spec says an empty entry adds nothing to the
+  prompt): both are counted, the empty ones with a warning. A content longer than RAG_PERSONA_MAX_FACT_CHARS is an error.
+- dialogues.jsonl: one conversation per <START> block of mes_example that holds a user line answered by
+  the character: turns ``{"user", "styled", "plain", "facts": []}``; a card has no plain-register version
+  of the lines, so "plain" repeats "styled".
+
+mes_example: a line "{{char}}:" / "<BOT>:" / "<name>:" (":" or "：") starts a character line, "{{user}}:" /
+"<USER>:" a user line, other lines continue the line before. style.examples: the character lines that answer
+a user line, then the others, in card order, without repeats, at most MAX_EXAMPLES. style.first_person: the
+most frequent pronoun of FIRST_PERSONS in those lines and the greeting (a kana pronoun must not follow
+kana of its own script, so 「そのうち」 is no 「うち」). style.markers (the substrings the persona metrics
+count as in register): per sentence of the examples, the ending after stripping punctuation, symbols and
+closing brackets; a KNOWN_ENDINGS entry it ends with (or ends with before one final よ/ね/な/ぞ/か/わ/さ)
+counts at once, otherwise its last two kana (three when the two start with a small kana or ん) count when
+they appear in two or more sentences and are not a NEUTRAL_ENDINGS form. Always written, possibly []
+(a persona without markers is not scored for register, rather than by the お嬢様 default).
+A card with no description, personality or scenario gets the summary 「<name>のキャラクター。」.
+
+Refused, as one RagPersonaError line naming the file (and PNG chunk) and the field, before anything is
+written: a file over MAX_CARD_BYTES, neither PNG nor JSON, not a card object, an unknown spec, a PNG
+without a chara/ccv3 chunk or with broken base64/JSON in it, an empty name, a field of the wrong type, a
+lorebook over MAX_BOOK_ENTRIES entries, an entry over RAG_PERSONA_MAX_FACT_CHARS.
+
+Persona folder → card (`persona_to_card`): a chara_card_v3 JSON (V1 fields mirrored at the top level,
+every V2 data field present) or a PNG placeholder image holding it base64-encoded in a ``ccv3`` tEXt chunk
+and the V2 form in ``chara``. name, description = summary, first_mes = greeting, system_prompt =
+style.instruction, mes_example = the first EXPORT_DIALOGUES conversations plus the examples they do not
+contain, one lorebook entry per fact (keys = keywords + questions, constant kept, name = comment = fact
+id; questions and tags also in the entry's extensions.rag_persona). Lost on the way: plain answers,
+dialogue fact ids, the adapter.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rag_persona.errors import RagPersonaError
+from rag_persona.knowledge.card_export import CardExport, build_card, persona_to_card
+from rag_persona.knowledge.card_text import (
+    DEFAULT_USER_NAME,
+    DIALOGUES_FILE,
+    EXTENSION_KEY,
+    MAX_CARD_BYTES,
+    PERSONA_FILE,
+    STYLE_LISTS,
+    STYLE_TEXTS,
+    V1_FIELDS,
+    dedupe,
+    derive_markers,
+    detect_first_person,
+    example_dialogues,
+    is_question,
+    one_line,
+    resolve_macros,
+    sentence,
+    slug,
+    split_examples,
+    unique_id,
+)
+from rag_persona.knowledge.facts import FACTS_FILE, Fact, parse_fact, write_facts
+from rag_persona.settings import get_settings
+from rag_persona.utils.io import atomic_folder, write_json, write_jsonl
+from rag_persona.utils.text import unicode_problem
+
+__all__ = [
+    "MAX_BOOK_ENTRIES",
+    "MAX_CARD_BYTES",
+    "BookEntry",
+    "Card",
+    "CardExport",
+    "PersonaFolder",
+    "build_card",
+    "card_to_persona",
+    "convert_card",
+    "load_card",
+    "parse_card",
+    "persona_to_card",
+    "write_persona_folder",
+]
+
+SPECS = ("chara_card_v2", "chara_card_v3")
+MAX_BOOK_ENTRIES = 5000
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_TEXTS = (*V1_FIELDS, "system_prompt", "nickname")
+
+
+@dataclass(frozen=True)
+class BookEntry:
+    """One character_book entry as the card has it (texts not yet macro-resolved)."""
+
+    index: int
+    keys: tuple[str, ...] = ()
+    secondary_keys: tuple[str, ...] = ()
+    content: str = ""
+    enabled: bool = True
+    constant: bool = False
+    name: str = ""
+    comment: str = ""
+    id: str = ""
+    extensions: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        title = self.name or self.comment
+        return f"entries[{self.index}]" + (f" ({title!r})" if title else "")
+
+
+@dataclass
+class Card:
+    """A validated character card; `source` names the file (and the PNG chunk) for messages."""
+
+    spec: str  # chara_card_v1 | chara_card_v2 | chara_card_v3
+    name: str
+    path: Path
+    source: str
+    field_prefix: str = ""  # "data." for V2/V3: where the fields sit, for messages
+    description: str = ""
+    personality: str = ""
+    scenario: str = ""
+    first_mes: str = ""
+    mes_example: str = ""
+    system_prompt: str = ""
+    nickname: str = ""
+    entries: list[BookEntry] = field(default_factory=list)
+    extensions: dict = field(default_factory=dict)
+
+
+@dataclass
+class PersonaFolder:
+    """A persona folder before it is written: persona.json's object, facts, dialogues, what was skipped."""
+
+    persona: dict
+    facts: list[Fact]
+    dialogues: list[dict]
+    source: str
+    disabled: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        out = [f"{self.source}: lorebook {label}: empty content, skipped" for label in self.empty]
+        if not self.facts:
+            out.append(
+                f"{self.source}: no lorebook entry became a fact; add facts to facts.jsonl before indexing"
+            )
+        return out
+
+    def summary(self, out: str | Path) -> str:
+        constant = sum(1 for f in self.facts if f.extra.get("constant"))
+        skipped = len(self.disabled) + len(self.empty)
+        return (
+            f"wrote persona '{self.persona['id']}' ({self.persona['name']}) to {out}: "
+            f"{len(self.facts)} facts ({constant} constant), {len(self.dialogues)} example dialogues; "
+            f"{skipped} lorebook entries skipped ({len(self.disabled)} disabled, {len(self.empty)} empty)"
+        )
+
+
+# ---- reading cards ---------------------------------------------------------------------------------
+
+
+def _bad(where: str, name: str, problem: str) -> RagPersonaError:
+    return RagPersonaError(f"{where}: field '{name}': {problem}")
+
+
+def _text(obj: dict, key: str, where: str, prefix: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _bad(where, prefix + key, f"expected a string, got {type(value).__name__}")
+    problem = unicode_problem(value)
+    if problem:
+        raise _bad(where, prefix + key, problem)
+    return value.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _keys(obj: dict, key: str, where: str, prefix: str) -> tuple[str, ...]:
+    value = obj.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):  # CCv3 allows secondary_keys as one comma-separated string
+        value = value.split(",")
+    if not isinstance(value, list):
+        raise _bad(where, prefix + key, f"expected a list of strings, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _bad(where, f"{prefix}{key}[{i}]", f"expected a string, got {type(item).__name__}")
+        if unicode_problem(item):
+            raise _bad(where, f"{prefix}{key}[{i}]", unicode_problem(item))
+    return tuple(k.strip() for k in value if k.strip())
+
+
+def _flag(obj: dict, key: str, default: bool, where: str, prefix: str) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(where, prefix + key, f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _entry(raw, index: int, where: str, prefix: str) -> BookEntry:
+    fld = f"{prefix}character_book.entries[{index}]"
+    if not isinstance(raw, dict):
+        raise _bad(where, fld, f"expected an object, got {type(raw).__name__}")
+    fld += "."
+    ident = raw.get("id")
+    ext = raw.get("extensions")
+    return BookEntry(
+        index=index,
+        keys=_keys(raw, "keys", where, fld),
+        secondary_keys=_keys(raw, "secondary_keys", where, fld),
+        content=_text(raw, "content", where, fld),
+        enabled=_flag(raw, "enabled", True, where, fld),
+        constant=_flag(raw, "constant", False, where, fld),
+        # name and comment only label the entry (ids, messages): a non-string one is ignored, not refused.
+        name=_text(raw, "name", where, fld).strip() if isinstance(raw.get("name"), str) else "",
+        comment=_text(raw, "comment", where, fld).strip() if isinstance(raw.get("comment"), str) else "",
+        id="" if ident is None or isinstance(ident, bool) else str(ident),
+        extensions=ext if isinstance(ext, dict) else {},
+    )
+
+
+def _entries(book, where: str, prefix: str) -> list[BookEntry]:
+    if book is None:
+        return []
+    if not isinstance(book, dict):
+        raise _bad(where, prefix + "character_book", f"expected an object, got {type(book).__name__}")
+    raw = book.get("entries")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise _bad(where, prefix + "character_book.entries", f"expected a list, got {type(raw).__name__}")
+    if len(raw) > MAX_BOOK_ENTRIES:
+        raise RagPersonaError(
+            f"{where}: lorebook has {len(raw)} entries, the limit is {MAX_BOOK_ENTRIES} (MAX_BOOK_ENTRIES)"
+        )
+    return [_entry(e, i, where, prefix) for i, e in enumerate(raw)]
+
+
+def parse_card(obj, path: Path, where: str | None = None) -> Card:
+    """Validate a card's JSON object (V1 flat, or V2/V3 with its fields under "data")."""
+    where = where or str(path)
+    if not isinstance(obj, dict):
+        raise RagPersonaError(
+            f"{where}: not a character card (expected a JSON object, got {type(obj).__name__})"
+        )
+    spec = obj.get("spec")
+    if spec is None:
+        if "name" not in obj:
+            raise RagPersonaError(
+                f"{where}: not a character card (no 'spec' and no V1 field 'name'; V1 fields: "
+                f"{', '.join(V1_FIELDS)})"
+            )
+        data, prefix, spec = obj, "", "chara_card_v1"
+    elif spec in SPECS:
+        data, prefix = obj.get("data"), "data."
+        if not isinstance(data, dict):
+            raise _bad(where, "data", f"expected an object ({spec} keeps the card under 'data')")
+    else:
+        raise RagPersonaError(
+            f"{where}: unknown card spec {spec!r} (known: {', '.join(SPECS)}, or a V1 card without 'spec')"
+        )
+    texts = {k: _text(data, k, where, prefix) for k in _TEXTS}
+    texts["name"] = texts["name"].strip()
+    if not texts["name"]:
+        raise _bad(where, prefix + "name", "empty; a card needs the character's name")
+    ext = data.get("extensions")
+    if ext is not None and not isinstance(ext, dict):
+        raise _bad(where, prefix + "extensions", f"expected an object, got {type(ext).__name__}")
+    entries = _entries(data.get("character_book"), where, prefix)
+    return Card(
+        spec, path=path, source=where, field_prefix=prefix, entries=entries, extensions=ext or {}, **texts
+    )
+
+
+def _png_card(path: Path, raw: bytes) -> tuple[object, str]:
+    """The card JSON in a PNG's ccv3 (preferred) or chara text chunk, base64-decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            chunks = dict(img.text)  # reading .text loads the image: text chunks may follow the pixels
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        why = (
+            "Pillow cannot identify it" if isinstance(exc, UnidentifiedImageError) else str(exc) or repr(exc)
+        )
+        raise RagPersonaError(f"{path}: not a readable PNG image ({why.splitlines()[0]})") from None
+    key = next((k for k in ("ccv3", "chara") if k in chunks), None)
+    if key is None:
+        raise RagPersonaError(f"{path}: PNG holds no character card (no 'chara' or 'ccv3' text chunk)")
+    where = f"{path} (PNG chunk '{key}')"
+    try:
+        payload = base64.b64decode(chunks[key].strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RagPersonaError(f"{where}: broken base64 ({exc})") from None
+    try:
+        return json.loads(payload.decode("utf-8")), where
+    except UnicodeDecodeError as exc:
+        raise RagPersonaError(f"{where}: broken JSON (not UTF-8 at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise RagPersonaError(f"{where}: broken JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_card(path: str | Path) -> Card:
+    """A character card from a .json file or a PNG with a chara/ccv3 chunk; one-line errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise RagPersonaError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    size = path.stat().st_size
+    if size > MAX_CARD_BYTES:
+        raise RagPersonaError(
+            f"{path}: {size} bytes, the limit for a card file is {MAX_CARD_BYTES} (MAX_CARD_BYTES)"
+        )
+    raw = path.read_bytes()
+    if raw.startswith(PNG_MAGIC):
+        obj, where = _png_card(path, raw)
+        return parse_card(obj, path, where)
+    try:
+        obj = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise RagPersonaError(f"{path}: not a character card: neither a PNG nor JSON ({reason})") from None
+    return parse_card(obj, path)
+
+
+# ---- card → persona folder ---------------------------------------------------------------------------
+
+
+def _entry_id(entry: BookEntry) -> str:
+    for text in (entry.name, entry.comment, f"entry-{entry.id}" if entry.id else ""):
+        if slug(text):
+            return slug(text)
+    return f"entry-{entry.index + 1}"
+
+
+def _string_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
+
+
+def _ours_problem(ours) -> tuple[str, str] | None:
+    """(field suffix, problem) for an extensions.rag_persona object rag-persona would not have written."""
+    if not isinstance(ours, dict):
+        return "", f"expected an object, got {type(ours).__name__}"
+    for key, value in ours.items():
+        if key == "style":
+            if not isinstance(value, dict):
+                return ".style", f"expected an object, got {type(value).__name__}"
+            for k, v in value.items():
+                if not (k in STYLE_TEXTS and isinstance(v, str) or k in STYLE_LISTS and _string_list(v)):
+                    return f".style.{k}", "unknown field or wrong type (see rag_persona.prompts.Style)"
+        elif key in ("questions", "tags"):
+            if not _string_list(value):
+                return f".{key}", "expected a list of non-empty strings"
+        elif not isinstance(value, str):
+            return f".{key}", f"expected a string, got {type(value).__name__}"
+    return None
+
+
+def _ours(obj: dict, where: str, fld: str) -> dict:
+    """The rag_persona object a rag-persona export put into an extensions object ({} when absent)."""
+    ours = obj.get(EXTENSION_KEY)
+    if ours is None:
+        return {}
+    problem = _ours_problem(ours)
+    if problem:
+        raise _bad(where, fld + problem[0], problem[1])
+    return ours
+
+
+def _facts(card: Card, fix: Callable[[str], str]) -> tuple[list[Fact], list[str], list[str]]:
+    facts, disabled, empty, used = [], [], [], set()
+    limit = get_settings().max_fact_chars
+    for entry in card.entries:
+        if not entry.enabled:
+            disabled.append(entry.label)
+            continue
+        lines = entry.content.split("\n")
+        while lines and lines[0].lstrip().startswith("@@"):  # CCv3 decorators lead the content
+            lines.pop(0)
+        text = fix("\n".join(lines)).strip()
+        if not text:
+            empty.append(entry.label)
+            continue
+        fld = f"{card.field_prefix}character_book.entries[{entry.index}]"
+        if len(text) > limit:
+            raise _bad(
+                card.source,
+                f"{fld}.content",
+                f"{len(text)} characters, the limit is {limit} (RAG_PERSONA_MAX_FACT_CHARS)",
+            )
+        keywords = dedupe(fix(k).strip() for k in (*entry.keys, *entry.secondary_keys))
+        keywords = [k for k in keywords if k]
+        ours = _ours(entry.extensions, card.source, f"{fld}.extensions.{EXTENSION_KEY}")
+        questions = ours.get("questions", [k for k in keywords if is_question(k)])
+        extra = {"keywords": keywords} if keywords else {}
+        if entry.constant:
+            extra["constant"] = True
+        row = {"id": unique_id(_entry_id(entry), used), "text": text, "questions": questions}
+        row.update(tags=ours.get("tags", []), **extra)
+        facts.append(parse_fact(Path(card.source), entry.index, row, limit))
+    return facts, disabled, empty
+
+
+def _style(ours: dict, examples: list[str], greeting: str, instruction: str) -> dict:
+    if "style" in ours:
+        style = {k: v for k, v in ours["style"].items() if k != "instruction"}
+    else:
+        style = {
+            "first_person": detect_first_person([*examples, greeting]),
+            "examples": examples,
+            "markers": derive_markers(examples),
+        }
+    style["instruction"] = instruction
+    # Style.to_dict's order; markers stay even when empty: [] means "no register", absent means the endings.
+    return {
+        k: style[k] for k in (*STYLE_TEXTS, *STYLE_LISTS) if style.get(k) or k == "markers" and k in style
+    }
+
+
+def convert_card(
+    card: Card, persona_id: str | None = None, user_name: str = DEFAULT_USER_NAME
+) -> PersonaFolder:
+    """The persona folder's contents for a card (nothing written; see the module docstring)."""
+    if persona_id is not None and not persona_id.strip():
+        raise RagPersonaError("persona id: empty")
+    char = card.nickname.strip() or card.name
+
+    def fix(text: str) -> str:
+        return resolve_macros(text, char, user_name)
+
+    ours = _ours(card.extensions, card.source, f"{card.field_prefix}extensions.{EXTENSION_KEY}")
+    blocks = split_examples(card.mes_example, (card.name, card.nickname))
+    conversations, examples = example_dialogues(blocks, fix)
+    parts = {k: one_line(fix(getattr(card, k))) for k in ("description", "personality", "scenario")}
+    summary_key = next((k for k, v in parts.items() if v), None)
+    labels = {"personality": "性格", "scenario": "場面"}
+    instruction = "".join(sentence(labels[k], parts[k]) for k in labels if k != summary_key)
+    instruction += sentence("", fix(card.system_prompt))
+    greeting = fix(card.first_mes).strip()
+    persona = {
+        "id": (persona_id or "").strip()
+        or ours.get("id")
+        or slug(card.name, ascii_only=True)
+        or slug(card.path.stem, ascii_only=True)
+        or "card",
+        "name": card.name,
+        "reading": ours.get("reading", ""),
+        "summary": parts[summary_key] if summary_key else f"{card.name}のキャラクター。",
+        "greeting": greeting,
+        "style": _style(ours, examples, greeting, instruction),
+        "reply_length": ours.get("reply_length", ""),
+    }
+    persona = {k: v for k, v in persona.items() if v or k == "style"}
+    facts, disabled, empty = _facts(card, fix)
+    dialogues = [{"id": f"ex{n:04d}", "kind": "example", "turns": t} for n, t in enumerate(conversations, 1)]
+    return PersonaFolder(persona, facts, dialogues, card.source, disabled, empty)
+
+
+def write_persona_folder(folder: PersonaFolder, out_dir: str | Path) -> Path:
+    """Write persona.json, facts.jsonl and dialogues.jsonl whole or not at all; a non-empty folder that
+    is not a persona folder (no persona.json) is refused, an earlier persona folder is replaced whole."""
+    with atomic_folder(out_dir, marker=PERSONA_FILE, what="a persona folder") as work:
+        write_json(work / PERSONA_FILE, folder.persona)
+        write_facts(work / FACTS_FILE, folder.facts)
+        write_jsonl(work / DIALOGUES_FILE, folder.dialogues)
+    return Path(out_dir)
+
+
+def card_to_persona(
+    card: Card,
+    out_dir: str | Path,
+    persona_id: str | None = None,
+    user_name: str = DEFAULT_USER_NAME,
+    validate: Callable[[dict], object] | None = None,
+) -> PersonaFolder:
+    """Convert a card and write its persona folder; `validate(persona_dict)` may refuse it before writing
+    (the CLI passes rag_persona.prompts.Persona.from_dict, which this layer cannot import)."""
+    folder = convert_card(card, persona_id, user_name)
+    if validate is not None:
+        validate(folder.persona)
+    write_persona_folder(folder, out_dir)
+    return folder
