@@ -139,3 +139,19 @@ def persona_index(tmp_path_factory) -> Path:
         shutil.copytree(KNOWLEDGE_ROOT / "ojousama", kb)
     ensure_index(kb, base / "ui-persona-index", "e5-small")
     return base / "ui-persona-index"
+
+
+@pytest.fixture(scope="session")
+def persona_store(persona_index):
+    """The indexed persona knowledge, loaded once (API, fault and browser tests)."""
+    from rag_persona.retrieval.store import load_index
+
+    return load_index(persona_index)
+
+
+@pytest.fixture(scope="session")
+def persona():
+    from rag_persona.prompts import Persona
+    from rag_persona.settings import KNOWLEDGE_ROOT
+
+    return Persona.load(KNOWLEDGE_ROOT / "ojousama")

@@ -22,7 +22,7 @@ from conftest import make_tokenizer
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.generation import LoadedModel
-from rag_persona.prompts import MAX_USER_CHARS, Persona
+from rag_persona.prompts import MAX_USER_CHARS
 from rag_persona.settings import KNOWLEDGE_ROOT
 
 TOPICS = [
@@ -40,18 +40,6 @@ TOPICS = [
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def persona_store(persona_index):
-    from rag_persona.retrieval.store import load_index
-
-    return load_index(persona_index)
-
-
-@pytest.fixture(scope="session")
-def persona() -> Persona:
-    return Persona.load(KNOWLEDGE_ROOT / "ojousama")
-
-
 class EchoLM:
     """A stand-in model: replies with every user message in its prompt joined by ' | ', a token at a time."""
 
@@ -445,7 +433,7 @@ def test_switching_the_model_waits_for_the_running_reply(persona_store, persona)
     engine = echo_engine(persona_store, persona, "echo-1", holder)
     holder["lm"].delay = 0.02
     job = engine.submit([], "c1 slow reply " * 3, None)
-    info = engine.switch_model("echo-2", "none")  # queued behind the running job
+    info = engine.switch_model("echo-2", "none", offered_only=False)  # queued behind the running job
     assert job.done.is_set() and job.error is None and job.result.text == ("c1 slow reply " * 3).strip()
     assert info["model"] == "echo-2" and engine.model_label() == "echo-2"
     _, reply = engine.respond([], "after the switch")

@@ -72,7 +72,7 @@ def server(tmp_path_factory, persona_index):
     log = open(base / "serve.log", "w")
     script = Path(sys.executable).parent / "rag-persona"  # the installed entry point, as a user runs it
     assert script.exists(), f"{script} missing: pip install -e '.[dev]'"
-    cmd = [str(script), "serve", "--model", str(model_dir), "--index", str(persona_index)]
+    cmd = [str(script), "serve", "--model", str(model_dir), "--index", str(persona_index), "--admin"]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -10,9 +10,12 @@ Each response carries an extra ``rag_persona`` object: the facts retrieved for t
 (what the model saw) and how much history was used. A request may set retrieval and context mode through
 an optional ``rag_persona`` object in the body (``{"mode", "threshold", "k", "context_mode"}``).
 
-Errors are OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}`` with 400 for bad requests,
-401 for missing credentials, 503 when the queue is full; a streaming request that fails after it started
-gets one ``data: {"error": ...}`` event before ``data: [DONE]``.
+Errors are OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}`` for everything under /v1:
+400 for bad requests (the field named), 401 for missing credentials, 404 for an unknown endpoint or
+``model`` (with the list), 405 for a wrong method, 413 for a body over ``MAX_BODY_BYTES``, 503 when the
+queue is full, and 500 only for our own faults, with an id that is also in the server log. A streaming
+request that fails after it started gets one ``data: {"error": ...}`` event before ``data: [DONE]``. A client
+that disconnects cancels its generation, streaming or not.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import base64
 import binascii
 import hmac
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,17 +33,24 @@ from typing import Literal
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.prompts import MAX_HISTORY_TURNS, MAX_USER_CHARS, check_user_turn
+from rag_persona.utils.text import unicode_problem
 
 from .engine import CONTEXT_MODES, RETRIEVAL_MODES, Engine, EngineBusy, TurnOptions, options_from
 
 MAX_MESSAGES = 200
 MAX_SYSTEM_CHARS = 20_000
 MAX_NEW_TOKENS = 512
+# 200 messages of MAX_USER_CHARS (3 bytes a character) plus a long system prompt fit with room to spare.
+MAX_BODY_BYTES = 1 << 20
+MAX_SEED = 2**32 - 1  # llama.cpp seeds are 32-bit; -1 means "random", as SillyTavern sends it
+log = logging.getLogger("rag_persona.api")
 
 
 class ApiError(Exception):
@@ -55,9 +66,28 @@ def error_body(
 
 
 def _error_kind(status: int) -> str:
-    return {401: "authentication_error", 503: "server_busy"}.get(
+    return {401: "authentication_error", 404: "not_found_error", 503: "server_busy"}.get(
         status, "invalid_request_error" if status < 500 else "server_error"
     )
+
+
+def internal_error(exc: BaseException | str, code: str = "internal_error") -> ApiError:
+    """A 500 for our own fault: the details go to the log under an id the client also gets."""
+    error_id = f"err_{uuid.uuid4().hex[:12]}"
+    if isinstance(exc, BaseException):
+        log.error("%s: %s", error_id, exc, exc_info=exc)
+    else:
+        log.error("%s: %s", error_id, exc)
+    return ApiError(
+        500, f"internal server error (id {error_id}; the details are in the server log)", code=code
+    )
+
+
+class _AsciiJSON(JSONResponse):
+    """Error bodies may quote what the client sent; escaped ASCII JSON encodes even a lone surrogate."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 # -- request models ---------------------------------------------------------------------------------------
@@ -83,6 +113,14 @@ class ChatMessage(BaseModel):
                 raise ApiError(400, f"{where}.content[{i}]: only text parts are supported, got {part.type!r}")
             texts.append(part.text)
         return "".join(texts)
+
+    def checked_text(self, where: str) -> str:
+        """The text, refused (400) when it cannot be encoded (a lone surrogate breaks the tokenisers)."""
+        text = self.text(where)
+        problem = unicode_problem(text)
+        if problem:
+            raise ApiError(400, f"{where}.content: {problem}", "messages")
+        return text
 
 
 class PersonaOptions(BaseModel):
@@ -110,7 +148,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-1, le=MAX_SEED)
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
     rag_persona: PersonaOptions | None = None
@@ -133,7 +171,7 @@ def split_request(req: ChatCompletionRequest) -> tuple[list[dict], str, int]:
         )
     history = []
     for i, m in enumerate(req.messages[:-1]):
-        text = m.text(f"messages[{i}]")
+        text = m.checked_text(f"messages[{i}]")
         if m.role in ("system", "developer"):
             if len(text) > MAX_SYSTEM_CHARS:
                 raise ApiError(
@@ -170,7 +208,7 @@ def options_for(req: ChatCompletionRequest) -> TurnOptions:
             gen["temperature"] = req.temperature
     if req.top_p is not None:
         gen["top_p"] = req.top_p
-    if req.seed is not None:
+    if req.seed is not None and req.seed >= 0:
         gen["seed"] = req.seed
     try:
         return options_from(extra.mode, extra.threshold, extra.k, extra.context_mode, **gen)
@@ -204,7 +242,9 @@ def make_auth(credentials: tuple[str, str] | None):
                 given = base64.b64decode(value.strip()).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
                 given = None
-        if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        if given is None or not hmac.compare_digest(
+            given.encode("utf-8", "replace"), expected.encode("utf-8", "replace")
+        ):
             raise ApiError(
                 401, "authentication: send 'Authorization: Bearer USER:PASS' (the api_key) as given to --auth"
             )
@@ -212,9 +252,71 @@ def make_auth(credentials: tuple[str, str] | None):
     return check
 
 
+# -- body size ---------------------------------------------------------------------------------------------------
+class BodyLimit:
+    """ASGI middleware: a /v1 request body over max_bytes gets 413 before any of it is parsed.
+
+    The body is read here (declared length or not, chunked included) and replayed to the app, so a
+    client cannot make the server buffer or parse 10 MB of JSON; the page's own routes pass untouched.
+    """
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES, prefix: str = "/v1"):
+        self.app, self.max_bytes, self.prefix = app, max_bytes, prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks = None  # disconnected before the body ended: let the app see it
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(send)
+            if not message.get("more_body", False):
+                break
+        if chunks is None:
+            return await self.app(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: http.disconnect when the client goes away
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, send) -> None:
+        body = json.dumps(
+            error_body(
+                f"request body: larger than the limit of {self.max_bytes} bytes", code="body_too_large"
+            )
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 # -- routes ----------------------------------------------------------------------------------------------------
-async def _next_event(job, poll: float = 0.25):
-    """The job's next event without holding a worker thread for the whole generation."""
+class ClientGone(Exception):
+    """The client closed the connection while its request waited for the model."""
+
+
+DISCONNECT_POLL_S = 0.25
+
+
+async def _next_event(job, poll: float = DISCONNECT_POLL_S, gone=None):
+    """The job's next event without holding a worker thread for the whole generation; `gone` (an async
+    callable) is asked between polls and raises ClientGone when the client has disconnected."""
     while True:
         ev = job.next_event(timeout=0)
         if ev is not None:
@@ -222,18 +324,37 @@ async def _next_event(job, poll: float = 0.25):
         ev = await anyio.to_thread.run_sync(job.next_event, poll)
         if ev is not None:
             return ev
+        if gone is not None and await gone():
+            raise ClientGone
+
+
+def create_api(engine: Engine, *, auth: tuple[str, str] | None = None) -> FastAPI:
+    """The FastAPI app serving /v1 (routes, error handlers, docs); the Gradio page is mounted on it later.
+
+    The OpenAPI schema and docs page sit under /v1 behind the same credentials as the API.
+    """
+    app = FastAPI(title="rag-persona", docs_url=None, openapi_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit)
+    add_api_routes(app, engine, auth=auth)
+    return app
+
+
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 def add_api_routes(app: FastAPI, engine: Engine, *, auth: tuple[str, str] | None = None) -> APIRouter:
-    """Add /v1/models, /v1/chat/completions and /v1/health to app (before the Gradio app is mounted)."""
+    """Add /v1/models, /v1/chat/completions, /v1/health and the docs to app (before the page is mounted);
+    any other /v1 path or method gets an OpenAI-shaped 404/405 here instead of falling through to the page."""
     router = APIRouter(prefix="/v1", dependencies=[Depends(make_auth(auth))])
-    model_id = engine.persona.id
+    model_ids = [engine.persona.id]
 
     @router.get("/models")
     def list_models() -> dict:
         return {
             "object": "list",
-            "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "rag-persona"}],
+            "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "rag-persona"} for m in model_ids
+            ],
         }
 
     @router.get("/health")
@@ -241,8 +362,38 @@ def add_api_routes(app: FastAPI, engine: Engine, *, auth: tuple[str, str] | None
         return {"status": "ok", **engine.info()}
 
     @router.post("/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await complete(engine, req)
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        if req.model and req.model not in model_ids:
+            raise ApiError(
+                404,
+                f"model: no model {req.model!r} here; the models are {model_ids} (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
+        return await complete(engine, req, request)
+
+    @router.get("/openapi.json", include_in_schema=False)
+    def openapi() -> dict:
+        return app.openapi()
+
+    @router.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/v1/openapi.json", title="rag-persona API")
+
+    routes = {r.path: r.methods for r in router.routes}  # type: ignore[attr-defined]
+
+    @router.api_route("/{rest:path}", methods=_METHODS, include_in_schema=False)
+    def not_here(rest: str, request: Request):
+        allowed = routes.get(f"/v1/{rest}")
+        if allowed:
+            raise ApiError(
+                405,
+                f"{request.method} /v1/{rest}: method not allowed (use {', '.join(sorted(allowed))})",
+                code="method_not_allowed",
+            )
+        raise ApiError(
+            404, f"/v1/{rest}: no such endpoint (there are {', '.join(sorted(routes))})", code="not_found"
+        )
 
     app.include_router(router)
     add_error_handlers(app)
@@ -266,21 +417,29 @@ async def _submit(engine: Engine, req: ChatCompletionRequest):
     return job, dropped
 
 
-async def _reply(job):
+async def _reply(job, request: Request | None = None):
     """The finished Reply; a client that goes away (or an error) cancels the job."""
+    gone = request.is_disconnected if request is not None else None
+    checked = time.monotonic()
     try:
         while True:
-            kind, value = await _next_event(job)
+            kind, value = await _next_event(job, gone=gone)
+            if gone is not None and time.monotonic() - checked > DISCONNECT_POLL_S:
+                checked = time.monotonic()  # pieces arrive back to back: ask between them too
+                if await gone():
+                    raise ClientGone
             if kind == "error":
-                raise ApiError(500, str(value), code="generation_failed")
+                raise internal_error(f"generation failed: {value}", code="generation_failed")
             if kind == "done":
                 return value
+    except ClientGone:
+        raise ApiError(499, "client closed the request; its generation was cancelled") from None
     finally:
         if not job.done.is_set():
             job.cancel()
 
 
-async def complete(engine: Engine, req: ChatCompletionRequest):
+async def complete(engine: Engine, req: ChatCompletionRequest, request: Request | None = None):
     """One chat completion: a JSON body, or an SSE stream when the request asks for one."""
     job, dropped = await _submit(engine, req)
     completion = Completion(
@@ -296,7 +455,7 @@ async def complete(engine: Engine, req: ChatCompletionRequest):
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    reply = await _reply(job)
+    reply = await _reply(job, request)
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": reply.text},
@@ -330,16 +489,35 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(
+        headers = {}
+        if exc.status == 503:
+            headers["Retry-After"] = "5"
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Basic realm="rag-persona"'  # lets a browser open /v1/docs
+        return _AsciiJSON(
             error_body(exc.message, _error_kind(exc.status), exc.param, exc.code),
             status_code=exc.status,
-            headers={"Retry-After": "5"} if exc.status == 503 else None,
+            headers=headers or None,
         )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        message, where = validation_message(exc.errors())
-        return JSONResponse(error_body(message, param=where or None), status_code=400)
+        try:
+            message, where = validation_message(exc.errors())
+        except Exception:  # an error list that does not render (e.g. a nesting-depth failure)
+            message, where = "request body: invalid", ""
+        return _AsciiJSON(error_body(message, param=where or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI's body parser (e.g. JSON nested past the parser's depth)
+            message = f"request body: {message[:1].lower()}{message[1:]} (malformed or nested too deeply)"
+        return await _api_error(request, ApiError(exc.status_code, message))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return await _api_error(request, internal_error(exc))
 
 
 def _usage(reply) -> dict:

@@ -8,9 +8,9 @@ conversation in a `gr.State`, so sessions never see each other's turns.
 from __future__ import annotations
 
 import gradio as gr
-from fastapi import FastAPI
 
-from .api import add_api_routes
+from .access import Access
+from .api import create_api
 from .engine import CONTEXT_MODES, Engine
 from .tabs import chat, knowledge, tuning
 from .tabs.common import Page
@@ -27,9 +27,11 @@ CSS = """
 """
 
 
-def build_blocks(engine: Engine, *, default_queries: str | None = None) -> gr.Blocks:
-    """The page: a header over the Chat, Knowledge and Threshold tuning tabs."""
-    page = Page(engine)
+def build_blocks(
+    engine: Engine, *, access: Access | None = None, default_queries: str | None = None
+) -> gr.Blocks:
+    """The page: a header over the Chat, Knowledge and Threshold tuning tabs; admin controls per sign-in."""
+    page = Page(engine, access or Access())
     with gr.Blocks(title=f"{engine.persona.name} — rag-persona", fill_width=True) as demo:
         page.header = gr.Markdown(page.header_md(), elem_id="header")
         turns = gr.State([])
@@ -37,26 +39,46 @@ def build_blocks(engine: Engine, *, default_queries: str | None = None) -> gr.Bl
             chat_tab = chat.build(page, turns)
             knowledge.build(page)
             tuning.build(page, chat_tab, default_queries)
+        # who signed in decides what is shown; every admin callback checks again on its own
+        demo.load(page.role_updates, None, [c for c, _ in page.role_controls], api_visibility="private")
     return demo
 
 
-def create_app(engine: Engine, *, auth: tuple[str, str] | None = None, default_queries: str | None = None):
-    """FastAPI app: /v1 (OpenAI-compatible) + the Gradio page at /, sharing one engine."""
-    app = FastAPI(title="rag-persona", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
-    add_api_routes(app, engine, auth=auth)
-    demo = build_blocks(engine, default_queries=default_queries)
+def create_app(
+    engine: Engine,
+    *,
+    auth: tuple[str, str] | None = None,
+    access: Access | None = None,
+    default_queries: str | None = None,
+):
+    """FastAPI app: /v1 (OpenAI-compatible) + the Gradio page at /, sharing one engine.
+
+    `access` says who signs in and who administers; `auth` alone (chat credentials) means no administration.
+    """
+    access = access or Access(chat=auth)
+    app = create_api(engine, auth=access.api_auth())
+    demo = build_blocks(engine, access=access, default_queries=default_queries)
     demo.queue(default_concurrency_limit=4, max_size=128)
+    # Gradio checks that a file input names a file a user uploaded only once the Blocks "has launched";
+    # mounted on FastAPI they never launch, and any server path would be copied in (e.g. /etc/... into
+    # the tuning upload). Mark them launched so uploads are the only files an input can name.
+    demo.has_launched = True
+    signed_in = " or ".join(
+        name for name, c in (("--auth", access.chat), ("--admin-auth", access.admin)) if c
+    )
     return gr.mount_gradio_app(
         app,
         demo,
         path="/",
-        auth=auth,
-        auth_message="rag-persona: sign in with the --auth credentials",
+        auth=access.gradio_auth(),
+        auth_message=f"rag-persona: sign in with the {signed_in} credentials",
         theme=gr.themes.Soft(),
         css=CSS,
         footer_links=["api"],
         ssr_mode=False,
         show_error=True,
+        # Gradio's own FastAPI schema would sit at /openapi.json outside any sign-in; ours is /v1/openapi.json.
+        app_kwargs={"openapi_url": None},
     )
 
 

@@ -15,14 +15,7 @@ from rag_persona.cli import _progress, friendly
 from rag_persona.errors import RagPersonaError
 from rag_persona.generation.engines import ENGINE_HELP
 
-
-def parse_auth(value: str | None) -> tuple[str, str] | None:
-    if value is None or value == "":
-        return None
-    user, sep, password = value.partition(":")
-    if not sep or not user or not password:
-        raise RagPersonaError("--auth: expected USER:PASS (both non-empty)")
-    return user, password
+from .access import ADMIN_AUTH_ENV, AUTH_ENV, LOCAL_HOSTS, Access, access_from_options
 
 
 def parse_bool(value: str, option: str) -> bool:
@@ -46,6 +39,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 7860,
     auth: tuple[str, str] | None = None,
+    access: Access | None = None,
     model: str | None = None,
     adapter: str | None = None,
     index: str | Path | None = None,
@@ -53,7 +47,10 @@ def serve(
     engine: str = "auto",
     log=print,
 ) -> None:
-    """Load the engine, build the app, and serve it with uvicorn until interrupted."""
+    """Load the engine, build the app, and serve it with uvicorn until interrupted.
+
+    `access` (chat and admin sign-ins, --admin) wins over `auth` (chat credentials only, no administration).
+    """
     # here, not at the top: uvicorn, gradio and torch would slow every other rag-persona command
     import uvicorn
 
@@ -61,13 +58,18 @@ def serve(
     from .engine import Engine
     from .loading import engine_loader
 
+    access = access or Access(chat=auth)
+    # checked again here for callers that skip access_from_options
+    if share and not access.signed_in:
+        raise RagPersonaError("--share true: a public link needs a sign-in; give --auth or --admin-auth")
+    if access.local_admin and (share or host not in LOCAL_HOSTS):
+        raise RagPersonaError("--admin: only on a localhost-only server without --share; use --admin-auth")
     check_port_free(host, port)
     chat = Engine(model, adapter, index=index, loader=engine_loader(engine), progress=log)
-    app = create_app(chat, auth=auth)
-    if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
-        log(
-            f"warning: listening on {host} without --auth: anyone who can reach it can chat and edit knowledge"
-        )
+    app = create_app(chat, access=access)
+    if host not in LOCAL_HOSTS and not access.signed_in:
+        log(f"warning: listening on {host} without --auth: anyone who can reach it can chat")
+    log(f"administration: {administration_line(access)}")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     log(f"chat:  http://{shown}:{port}/")
     log(f"API:   http://{shown}:{port}/v1/chat/completions (OpenAI-compatible; model '{chat.persona.id}')")
@@ -86,6 +88,15 @@ def serve(
             thread.join(5)
         return
     server.run()
+
+
+def administration_line(access: Access) -> str:
+    """What the startup log says about administration (knowledge edits, thresholds, model switch, tuning)."""
+    if access.local_admin:
+        return "on for everyone who can open the page (--admin, localhost only)"
+    if access.admin:
+        return f"on for the admin sign-in {access.admin[0]!r}"
+    return "off (start with --admin on localhost, or --admin-auth)"
 
 
 def share_link(host: str, port: int) -> str:
@@ -110,8 +121,36 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option("--port", help="Port for the page and the API.")] = 7860,
         auth: Annotated[
             str | None,
-            typer.Option("--auth", help="USER:PASS for the page; API clients send 'Bearer USER:PASS'."),
+            typer.Option(
+                "--auth",
+                help="USER:PASS to chat (page sign-in; API clients send 'Bearer USER:PASS'). Visible in ps: "
+                f"prefer --auth-file or ${AUTH_ENV}.",
+            ),
         ] = None,
+        auth_file: Annotated[
+            Path | None,
+            typer.Option("--auth-file", help=f"A file holding USER:PASS for --auth (or set ${AUTH_ENV})."),
+        ] = None,
+        admin_auth: Annotated[
+            str | None,
+            typer.Option(
+                "--admin-auth",
+                help="USER:PASS of the administrator (knowledge edits, thresholds, model switch, tuning); "
+                f"prefer --admin-auth-file or ${ADMIN_AUTH_ENV}.",
+            ),
+        ] = None,
+        admin_auth_file: Annotated[
+            Path | None,
+            typer.Option(
+                "--admin-auth-file", help=f"A file holding USER:PASS for --admin-auth (or ${ADMIN_AUTH_ENV})."
+            ),
+        ] = None,
+        admin: Annotated[
+            bool,
+            typer.Option(
+                "--admin", help="Administration for anyone who opens the page; only with a localhost --host."
+            ),
+        ] = False,
         model: Annotated[
             str | None, typer.Option("--model", help="Bundled alias, hub id or local folder.")
         ] = None,
@@ -129,15 +168,30 @@ def register(app: typer.Typer) -> None:
         ] = "false",
         engine: Annotated[str, typer.Option("--engine", help=ENGINE_HELP)] = "auto",
     ) -> None:
-        """Start the Gradio chat with the persona and the OpenAI-compatible /v1/chat/completions on one port."""
+        """Start the Gradio chat with the persona and the OpenAI-compatible /v1/chat/completions on one port.
+
+        Administration (knowledge edits, threshold saves, model switch, tuning): --admin-auth or --admin.
+        """
+        shared = parse_bool(share, "--share")
+        access = access_from_options(
+            auth=auth,
+            auth_file=auth_file,
+            admin_auth=admin_auth,
+            admin_auth_file=admin_auth_file,
+            admin=admin,
+            host=host,
+            share=shared,
+        )
+        if auth or admin_auth:
+            _progress("note: a password given on the command line is visible to other local users (ps)")
         serve(
             host=host,
             port=port,
-            auth=parse_auth(auth),
+            access=access,
             model=model,
             adapter=adapter,
             index=index,
-            share=parse_bool(share, "--share"),
+            share=shared,
             engine=engine,
             log=_progress,
         )

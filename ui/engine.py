@@ -336,6 +336,7 @@ class Engine:
             "dtype": getattr(loaded, "dtype", None),
             "index": str(getattr(self.store, "path", None)),
             "facts": len(self.store.facts),
+            "warnings": [w for w in [getattr(self.store, "warning", None)] if w],
             "xattn": {"available": self.xattn_available, "reason": self.xattn_reason},
             "queue": self.jobs.stats(),
             "max_history_turns": MAX_HISTORY_TURNS,
@@ -426,8 +427,16 @@ class Engine:
             raise Cancelled("cancelled while generating")
         return stream.reply
 
-    def switch_model(self, model: str | None, adapter: str | None = None) -> dict:
-        """Load another model/adapter for everyone; the old one serves until the new one is ready."""
+    def switch_model(
+        self, model: str | None, adapter: str | None = None, *, offered_only: bool = True
+    ) -> dict:
+        """Load another model/adapter for everyone; the old one serves until the new one is ready.
+
+        Only what the server offers (ModelSlot.offered_models / offered_adapters; None: the default) unless
+        offered_only=False, for library callers that chose the model themselves.
+        """
+        if offered_only:
+            self.slot.check_offered(model, adapter)
         adapter = resolve_adapter(model, adapter)
 
         def load():

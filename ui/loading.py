@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.evaluation.evaluate import resolve_adapter, shipped_adapters
-from rag_persona.generation import load_causal_lm
+from rag_persona.generation import BUNDLED, load_causal_lm
 from rag_persona.generation.engines import AUTO, open_engine
 from rag_persona.generation.hf_engine import TransformersBackend
 from rag_persona.retrieval.retriever import retriever_for
@@ -50,7 +50,8 @@ class Knowledge:
 
     def __init__(self, store=None, index: str | Path | None = None, progress: Callable[[str], None] = print):
         self.store = store if store is not None else open_store(index, log=progress)
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # searches and the swap after an edit
+        self._edit_lock = threading.Lock()  # one edit at a time; held while embedding, chats don't wait on it
         self._retrievers: dict[str | None, object] = {}
 
     def retriever(
@@ -77,20 +78,27 @@ class Knowledge:
             return list(self.retriever(mode, threshold, k).search(query))
 
     def edit(self, action: str, payload) -> None:
-        """add (a fact dict), update (a fact dict) or delete (ids): atomic, persisted, index updated."""
-        with self.lock:
+        """add (a fact dict), update (a fact dict) or delete (ids): atomic, persisted, index updated.
+
+        The edit (embedding included, seconds for a long fact) runs on a copy of the store outside the
+        search lock, so chats keep searching the old index meanwhile; the new one is swapped in at the end.
+        """
+        if action not in ("add", "update", "delete"):
+            raise RagPersonaError(f"knowledge: unknown action {action!r}")
+        with self._edit_lock:
+            new = self.store.copy()
             if action == "add":
-                self.store.add_facts([payload])
+                new.add_facts([payload])
             elif action == "update":
-                self.store.update_fact(payload)
-            elif action == "delete":
-                self.store.delete_facts(payload)
+                new.update_fact(payload)
             else:
-                raise RagPersonaError(f"knowledge: unknown action {action!r}")
-            self._retrievers.clear()  # retrievers hold per-store tables: rebuild after a change
+                new.delete_facts(payload)
+            with self.lock:
+                self.store = new
+                self._retrievers.clear()  # retrievers hold per-store tables: rebuild after a change
 
     def set_threshold(self, mode: str, value: float, info: dict | None = None) -> None:
-        with self.lock:
+        with self._edit_lock, self.lock:  # not during an edit: its copy would drop the new threshold
             self.store.set_threshold(mode, value, info)
             if getattr(self.store, "path", None) is not None:
                 self.store.save()
@@ -141,6 +149,7 @@ class ModelSlot:
     ):
         self.loader = loader or engine_loader()
         self.progress = progress
+        self.started_with = (model, adapter)  # what the command line gave: always offered for a switch
         self.name = model
         self.adapter = resolve_adapter(model, adapter)  # 'none': the base model; None: the chat's default
         self.loaded = self.loader(model, adapter=self.adapter, progress=progress)
@@ -203,6 +212,30 @@ class ModelSlot:
             self._xattn_reason = str(exc)
             raise
         return self._xattn
+
+    def offered_models(self) -> list[str]:
+        """What a switch may load: the bundled models (`rag-persona models list`) and the one started with."""
+        first = self.started_with[0]
+        return [*BUNDLED, *([first] if first and first not in BUNDLED else [])]
+
+    def offered_adapters(self) -> list[str]:
+        """Adapters a switch may apply besides the default: 'none', the shipped ones and the one started with."""
+        first = self.started_with[1]
+        shipped = shipped_adapter_paths()
+        return ["none", *shipped, *([first] if first and first not in ("none", *shipped) else [])]
+
+    def check_offered(self, model: str | None, adapter: str | None) -> None:
+        """Refuse a model or adapter this server does not offer (no arbitrary hub id or local path)."""
+        if model is not None and model not in self.offered_models():
+            raise RagPersonaError(
+                f"model {model!r}: not offered here; choose one of {', '.join(self.offered_models())} "
+                "(start the server with --model to serve another)"
+            )
+        if adapter is not None and adapter not in self.offered_adapters():
+            raise RagPersonaError(
+                f"adapter {adapter!r}: not offered here; choose the default, 'none' or a shipped adapter "
+                "(start the server with --adapter to serve another)"
+            )
 
     def switch(self, model: str | None, adapter: str | None) -> None:
         """Load model + adapter (already resolved), then swap it in; the old one serves until then."""

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from rag_persona.cli.common import JsonOpt, _progress, app, echo_json, friendly, open_index
+from rag_persona.cli.common import JsonOpt, PersonaOpt, _progress, app, echo_json, friendly, open_index
 from rag_persona.errors import RagPersonaError
 
 ModelOpt = Annotated[
@@ -36,17 +36,15 @@ EngineOpt = Annotated[
         "transformers, or the URL of an OpenAI-compatible server (vLLM, llama.cpp server).",
     ),
 ]
-PersonaOpt = Annotated[
-    str | None, typer.Option("--persona", help="Persona id under knowledge/ (default: ojousama).")
-]
 
 
-def open_chat_engine(engine: str, model: str | None, adapter: str | None):
-    """The chat model on the chosen engine, with the default adapter unless one (or 'none') is named."""
+def open_chat_engine(engine: str, model: str | None, adapter: str | None, persona: str | None = None):
+    """The chat model on the chosen engine, with the persona's default adapter unless one (or 'none') is
+    named (a persona without its own adapter chats on the base model with its instruction)."""
     from rag_persona.evaluation.evaluate import resolve_adapter
     from rag_persona.generation.engines import open_engine
 
-    return open_engine(engine, model, adapter=resolve_adapter(model, adapter), progress=_progress)
+    return open_engine(engine, model, adapter=resolve_adapter(model, adapter, persona), progress=_progress)
 
 
 @app.command()
@@ -70,12 +68,12 @@ def ask(
     from rag_persona.generation.backend import timing_line
     from rag_persona.retrieval.retriever import retriever_for
 
-    backend = open_chat_engine(engine, model, adapter)
+    backend = open_chat_engine(engine, model, adapter, None if no_persona else persona)
     settings = GenerationSettings(max_new_tokens)
     if no_persona:
         context, stream = [], ReplyStream(backend, [{"role": "user", "content": message}], settings)
     else:
-        store = open_index(index) if index or not persona else _persona_store(persona)
+        store = open_index(index, persona)
         turn = PersonaChat(default_persona(persona), retriever_for(store), backend, settings)
         plan, stream = turn.stream([], message)
         context = plan.context
@@ -105,12 +103,6 @@ def ask(
         f"{reply.new_tokens} tokens in {reply.seconds:.1f}s on {backend.engine}, ended by {end}; "
         + timing_line(reply.timings)
     )
-
-
-def _persona_store(persona: str):
-    from rag_persona.retrieval.store import open_store
-
-    return open_store(None, persona, progress=True, log=_progress)
 
 
 def _terminal_chat(answer: Callable[[list[dict], str], tuple[str, object] | None]) -> None:
@@ -157,9 +149,9 @@ def chat(
     from rag_persona.chat import PersonaChat, default_persona
     from rag_persona.retrieval.retriever import retriever_for
 
-    store = open_index(index) if index or not persona else _persona_store(persona)
+    store = open_index(index, persona)
     persona_chat = PersonaChat(
-        default_persona(persona), retriever_for(store), open_chat_engine(engine, model, adapter)
+        default_persona(persona), retriever_for(store), open_chat_engine(engine, model, adapter, persona)
     )
 
     def answer(history: list[dict], message: str):

@@ -35,11 +35,19 @@ def echo_json(obj) -> None:
     typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
 
 
-def open_index(index: str | None):
-    """The named index folder, else the default persona's (built, with progress, when missing or stale)."""
+def open_index(index: str | None, persona: str | None = None):
+    """The named index folder, else the persona's (built, with progress, when missing or stale)."""
     from rag_persona.retrieval.store import open_store
 
-    return open_store(index, progress=True, log=_progress)
+    return open_store(index, persona, progress=True, log=_progress)
+
+
+PersonaOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--persona", help="Persona: an id under knowledge/ (default: ojousama) or a persona folder."
+    ),
+]
 
 
 JsonOpt = Annotated[bool, typer.Option("--json")]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from rag_persona.cli.common import JsonOpt, _progress, app, echo_json, friendly, open_index
+from rag_persona.cli.common import JsonOpt, PersonaOpt, _progress, app, echo_json, friendly, open_index
 
 IndexOpt = Annotated[
     str | None,
@@ -56,6 +56,7 @@ def index_cmd(
 def search(
     query: Annotated[str, typer.Argument(help="What to look up.")],
     index: IndexOpt = None,
+    persona: PersonaOpt = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Minimum score (0-1).")] = None,
     k: Annotated[int | None, typer.Option("--k", help="At most this many facts.")] = None,
     mode: ModeOpt = None,
@@ -64,7 +65,7 @@ def search(
     """Facts for a query, above the threshold, at most k: [{"id","text","score"}]."""
     from rag_persona.retrieval.retriever import retriever_for
 
-    retriever = retriever_for(open_index(index), mode=mode, threshold=threshold, k=k)
+    retriever = retriever_for(open_index(index, persona), mode=mode, threshold=threshold, k=k)
     hits = retriever.search(query)
     if as_json:
         echo_json([h.to_dict() for h in hits])
@@ -78,11 +79,11 @@ def search(
         typer.echo(f"{h.score:.3f}  {h.fact_id}  {h.text}")
 
 
-def _index_and_queries(index: str | None, queries: str):
+def _index_and_queries(index: str | None, queries: str, persona: str | None = None):
     """The index and labelled queries that eval-retrieval and tune-threshold work on."""
     from rag_persona.knowledge.facts import load_queries
 
-    return open_index(index), load_queries(queries)
+    return open_index(index, persona), load_queries(queries)
 
 
 @app.command("eval-retrieval")
@@ -90,6 +91,7 @@ def _index_and_queries(index: str | None, queries: str):
 def eval_retrieval(
     queries: Annotated[str, typer.Option("--queries", help="Labelled queries JSONL.")],
     index: IndexOpt = None,
+    persona: PersonaOpt = None,
     threshold: Annotated[float | None, typer.Option("--threshold")] = None,
     k: KOpt = None,
     mode: ModeOpt = None,
@@ -99,7 +101,7 @@ def eval_retrieval(
     from rag_persona.retrieval.retriever import retriever_for
     from rag_persona.retrieval.tuning import check_labels, evaluate_retriever
 
-    store, labelled = _index_and_queries(index, queries)
+    store, labelled = _index_and_queries(index, queries, persona)
     check_labels(store, labelled)
     retriever = retriever_for(store, mode=mode, threshold=threshold, k=k)
     result = evaluate_retriever(retriever, labelled).to_dict()
@@ -120,6 +122,7 @@ def eval_retrieval(
 def tune_threshold_cmd(
     queries: Annotated[str, typer.Option("--queries", help="Labelled queries JSONL (a dev split).")],
     index: IndexOpt = None,
+    persona: PersonaOpt = None,
     plot: Annotated[
         str | None, typer.Option("--plot", help="Write precision/recall/F1 vs threshold here.")
     ] = None,
@@ -130,7 +133,7 @@ def tune_threshold_cmd(
     """Sweep thresholds on labelled queries, store the F1-best one with the index, print it."""
     from rag_persona.retrieval.tuning import tune_threshold
 
-    store, labelled = _index_and_queries(index, queries)
+    store, labelled = _index_and_queries(index, queries, persona)
     result = tune_threshold(store, labelled, mode=mode, k=k, plot=plot, source=str(queries))
     m = result.chosen_metrics
     info = {

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.settings import get_settings
 from rag_persona.utils.io import atomic_write_text, jsonl_text, read_jsonl
+from rag_persona.utils.text import unicode_problem
 
 FACTS_FILE = "facts.jsonl"
 _NOT_FACTS = {"dialogues.jsonl"}
@@ -97,6 +99,20 @@ def _bad(path: Path, line: int | None, fld: str | None, problem: str) -> RagPers
     return RagPersonaError(f"{prefix}: field '{fld}': {problem}" if fld else f"{prefix}: {problem}")
 
 
+def _check_text(path: Path, line: int, name: str, value: str, max_chars: int) -> None:
+    """Length (fits the prompt and embeds in bounded time) and encodability, checked once where facts enter."""
+    if len(value) > max_chars:
+        raise _bad(
+            path,
+            line,
+            name,
+            f"{len(value)} characters, the limit is {max_chars} (RAG_PERSONA_MAX_FACT_CHARS)",
+        )
+    problem = unicode_problem(value)
+    if problem:
+        raise _bad(path, line, name, problem)
+
+
 def _string_list(path: Path, line: int, obj: dict, name: str) -> list[str]:
     value = obj.get(name)
     if value is None:
@@ -127,8 +143,8 @@ def _text_field(path: Path, line: int, obj: dict, name: str, *, null_is_missing:
     return value
 
 
-def parse_fact(path: Path, line: int, obj: dict) -> Fact:
-    """Validate one JSON object as a fact."""
+def parse_fact(path: Path, line: int, obj: dict, max_chars: int | None = None) -> Fact:
+    """Validate one JSON object as a fact (text and questions at most max_chars, default from settings)."""
     if "id" not in obj:
         raise _bad(path, line, "id", "missing")
     fid = obj["id"]
@@ -138,10 +154,15 @@ def parse_fact(path: Path, line: int, obj: dict) -> Fact:
     if not fid:
         raise _bad(path, line, "id", "empty")
     text = _text_field(path, line, obj, "text")
+    limit = get_settings().max_fact_chars if max_chars is None else max_chars
+    _check_text(path, line, "text", text.strip(), limit)
+    questions = _string_list(path, line, obj, "questions")
+    for i, q in enumerate(questions):
+        _check_text(path, line, f"questions[{i}]", q, limit)
     return Fact(
         id=fid,
         text=text.strip(),
-        questions=_string_list(path, line, obj, "questions"),
+        questions=questions,
         tags=_string_list(path, line, obj, "tags"),
         extra={k: v for k, v in obj.items() if k not in _KNOWN},
         source=str(path),
@@ -174,9 +195,10 @@ def load_knowledge(path: str | Path) -> KnowledgeBase:
     files = fact_files(path)
     facts: list[Fact] = []
     seen: dict[str, str] = {}
+    limit = get_settings().max_fact_chars
     for file in files:
         for line, obj in read_jsonl(file):
-            fact = parse_fact(file, line, obj)
+            fact = parse_fact(file, line, obj, limit)
             if fact.id in seen:
                 raise _bad(file, line, "id", f"duplicate id {fact.id!r} (first at {seen[fact.id]})")
             seen[fact.id] = _where(file, line)

@@ -47,6 +47,11 @@ DEFAULT_MODE = "hybrid"
 DEFAULT_K = 3
 # Exact scoring against every key up to this many rows; FAISS top candidates above it.
 EXACT_LIMIT = 20_000
+# Lorebook keys (a fact's "keywords", SillyTavern World Info style): a fact whose key occurs in the query
+# scores at least this, i.e. passes any tuned threshold (they lie in 0.2-0.6) and ranks with strong dense
+# matches; a fact marked "constant" is in every context, outside k, as a constant World Info entry is.
+KEYWORD_SCORE = 0.9
+CONSTANT_SCORE = 1.0
 
 
 # -- configuration and results --------------------------------------------------------------------
@@ -106,6 +111,12 @@ class Retriever:
         self._lock = threading.Lock()
         counts = np.bincount(store.key_fact, minlength=len(store.facts)) if len(store.facts) else np.zeros(0)
         self._fact_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._keywords = [
+            (i, [k.lower() for k in f.extra.get("keywords", []) if isinstance(k, str) and k.strip()])
+            for i, f in enumerate(store.facts)
+        ]
+        self._keywords = [(i, keys) for i, keys in self._keywords if keys]
+        self._constant = [i for i, f in enumerate(store.facts) if f.extra.get("constant") is True]
 
     # -- convenience accessors -------------------------------------------------------------------
     @property
@@ -139,36 +150,50 @@ class Retriever:
         t = self.threshold if threshold is None else float(threshold)
         k = self.k if k is None else int(k)
         out = []
-        for cands in self.candidates(queries):
-            scores = self.score(cands)
+        for query, cands in zip(queries, self.candidates(queries), strict=True):
             hits = []
-            for i in np.argsort(-scores, kind="stable")[:k]:
-                if scores[i] < t:
+            for fact_index, score, cos, lexical in self._scored(query, cands)[:k]:
+                if score < t:
                     break
-                fact = self.store.facts[int(cands.facts[i])]
-                cos = cands.cos[i]
-                hits.append(
-                    Hit(
-                        fact.id,
-                        fact.text,
-                        float(scores[i]),
-                        cosine=None if np.isnan(cos) else float(cos),
-                        lexical=float(max(cands.lex_text[i], cands.lex_question[i])),
-                        fact=fact,
-                    )
-                )
+                fact = self.store.facts[fact_index]
+                hits.append(Hit(fact.id, fact.text, score, cosine=cos, lexical=lexical, fact=fact))
+            shown = {h.fact_id for h in hits}
+            for i in self._constant:
+                fact = self.store.facts[i]
+                if fact.id not in shown:
+                    hits.append(Hit(fact.id, fact.text, CONSTANT_SCORE, fact=fact))
             out.append(hits)
         return out
+
+    def _scored(self, query: str, cands: Candidates) -> list[tuple[int, float, float | None, float]]:
+        """(fact index, score, cosine, lexical) per candidate, best first: the calibrated score, raised to
+        KEYWORD_SCORE for a fact whose lorebook key occurs in the query (added when not a candidate)."""
+        scores = self.score(cands)
+        rows = {
+            int(cands.facts[i]): (
+                float(scores[i]),
+                None if np.isnan(cands.cos[i]) else float(cands.cos[i]),
+                float(max(cands.lex_text[i], cands.lex_question[i])),
+            )
+            for i in range(len(cands.facts))
+        }
+        if self._keywords:
+            text = query.lower()
+            for i, keys in self._keywords:
+                if any(key in text for key in keys):
+                    score, cos, lexical = rows.get(i, (0.0, None, 0.0))
+                    rows[i] = (max(score, KEYWORD_SCORE), cos, lexical)
+        ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])  # stable: ties keep candidate order
+        return [(i, score, cos, lexical) for i, (score, cos, lexical) in ranked]
 
     def rank(self, queries: Sequence[str], depth: int | None = None) -> list[list[tuple[int, float]]]:
         """Per query, (fact index, calibrated score) for candidate facts, best first, no threshold."""
         rankings = []
-        for cands in self.candidates(queries):
-            scores = self.score(cands)
-            order = np.argsort(-scores, kind="stable")
+        for query, cands in zip(queries, self.candidates(queries), strict=True):
+            scored = self._scored(query, cands)
             if depth is not None:
-                order = order[:depth]
-            rankings.append([(int(cands.facts[i]), float(scores[i])) for i in order])
+                scored = scored[:depth]
+            rankings.append([(i, score) for i, score, _, _ in scored])
         return rankings
 
     def rankings(self, queries: Sequence[str], depth: int = 20) -> list[list[tuple[str, float]]]:

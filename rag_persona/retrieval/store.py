@@ -16,8 +16,10 @@ says how to rebuild, `ensure_index` rebuilds it. Key rows, their vectors and the
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -40,7 +42,7 @@ from rag_persona.knowledge.facts import (
 from rag_persona.retrieval.embedders import _E5_ALIASES, DEFAULT_EMBEDDER, Embedder, load_embedder
 from rag_persona.retrieval.keys import embed_keys, fact_keys, flat_index
 from rag_persona.settings import get_settings
-from rag_persona.utils.io import atomic_folder, check_replaceable, read_json, read_jsonl
+from rag_persona.utils.io import atomic_folder, check_replaceable, read_json, read_jsonl, recover_folder
 
 INDEX_FORMAT = 1
 MANIFEST_FILE = "manifest.json"
@@ -70,11 +72,18 @@ class FactStore:
     index: object
     manifest: dict
     path: Path | None = None
+    # Set when this index is served although its source knowledge could not be read (see ensure_index).
+    warning: str | None = None
     _embedder: Embedder | None = field(default=None, repr=False)
     _by_id: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._by_id = {f.id: i for i, f in enumerate(self.facts)}
+
+    def copy(self) -> FactStore:
+        """A copy that an edit may change while searches keep using this one (edits replace arrays, never
+        mutate them; only the manifest is changed in place, so it alone is copied deeply)."""
+        return replace(self, manifest=copy.deepcopy(self.manifest), _embedder=self._embedder)
 
     # -- basic accessors -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -358,7 +367,10 @@ def _write_store_files(store: FactStore, folder: Path) -> None:
 
 
 def is_index(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST_FILE).is_file()
+    path = Path(path)
+    if not path.exists() and path.parent.is_dir():
+        recover_folder(path.absolute(), clean=False)  # see load_index
+    return (path / MANIFEST_FILE).is_file()
 
 
 def load_index(
@@ -373,6 +385,10 @@ def load_index(
 
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
+    if not path.exists():
+        recover_folder(
+            path.absolute(), clean=False
+        )  # a crash between the two renames of a swap left only `.old-`
     if not path.exists():
         raise RagPersonaError(
             f"{path}: no such index folder (build one with: rag-persona index --kb KB --out {path})"
@@ -435,7 +451,10 @@ def ensure_index(
     """Load the index at out_dir, (re)building it when missing or stale; a tuned threshold is kept."""
     out_dir = Path(out_dir)
     if not isinstance(kb, KnowledgeBase):
-        kb = load_knowledge(kb)
+        try:
+            kb = load_knowledge(kb)
+        except RagPersonaError as exc:
+            return _last_good_index(out_dir, exc, log)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -461,9 +480,30 @@ def ensure_index(
         )
 
 
+def _last_good_index(out_dir: Path, problem: RagPersonaError, log: Callable[[str], None]) -> FactStore:
+    """The index already at out_dir, served with a warning, when its source knowledge cannot be read.
+
+    A typo in facts.jsonl must not take chat and search down while the last good index is intact:
+    the store keeps the problem as `warning` (shown by /v1/health, the page and the CLI) until fixed.
+    """
+    if not is_index(out_dir):
+        raise problem
+    try:
+        store = load_index(out_dir, check=False)
+    except RagPersonaError:
+        raise problem from None
+    store.warning = (
+        f"{problem}; serving the last good index ({out_dir}, {len(store)} facts, "
+        f"updated {store.manifest.get('updated', '?')}) until the file is fixed"
+    )
+    print(f"warning: {store.warning}", file=sys.stderr)
+    log(f"warning: {store.warning}")
+    return store
+
+
 def default_index_dir(persona: str | None = None) -> Path:
     settings = get_settings()
-    return settings.indexes_dir / (persona or settings.persona)
+    return settings.indexes_dir / settings.persona_key(persona)
 
 
 def default_store(persona: str | None = None, *, progress: bool = False, log=lambda msg: None) -> FactStore:
@@ -471,7 +511,9 @@ def default_store(persona: str | None = None, *, progress: bool = False, log=lam
     settings = get_settings()
     kb_dir = settings.persona_dir(persona)
     if not kb_dir.exists():
-        raise RagPersonaError(f"{kb_dir}: the default persona's knowledge folder is missing")
+        raise RagPersonaError(
+            f"{kb_dir}: no such persona folder (--persona takes an id under knowledge/ or a folder path)"
+        )
     return ensure_index(kb_dir, default_index_dir(persona), settings.embedder, progress=progress, log=log)
 
 

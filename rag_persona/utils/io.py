@@ -97,14 +97,19 @@ def _siblings(out: Path, kind: str) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.{kind}*"))
 
 
-def recover_folder(out: Path) -> None:
-    """Undo a crash between the two renames of a swap (restore `.NAME.old-*`) and drop stale work folders."""
+def recover_folder(out: Path, *, clean: bool = True) -> None:
+    """Undo a crash between the two renames of a swap (restore `.NAME.old-*`) and, with clean, drop stale
+    work folders of killed runs (only a writer may clean: a reader would delete a running build's work)."""
     olds = _siblings(out, "old")
     if not out.exists() and olds:
-        os.rename(olds[-1], out)
+        try:
+            os.rename(olds[-1], out)
+        except OSError:
+            pass  # another process restored it first
         olds = olds[:-1]
-    for stale in [*olds, *_siblings(out, "tmp-")]:
-        shutil.rmtree(stale, ignore_errors=True)
+    if clean:
+        for stale in [*olds, *_siblings(out, "tmp-")]:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def check_replaceable(out: Path, marker: str | None, what: str) -> None:

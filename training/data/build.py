@@ -14,7 +14,7 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge.facts import load_queries
 from rag_persona.prompts import PROMPT_TEMPLATE_VERSION, ContextFact, Persona, build_messages
 from rag_persona.settings import get_settings
-from rag_persona.utils.io import atomic_folder, jsonl_text, write_json
+from rag_persona.utils.io import atomic_folder, check_replaceable, jsonl_text, write_json
 from training.provenance import file_sha256
 
 from .dialogues import STYLES, Conversation, Turn, load_dialogues
@@ -109,6 +109,8 @@ def build_datasets(config: DataConfig, teacher=None) -> dict:
     default, or the `teacher` callable) rephrases that many training user turns; such rows are
     marked "generated": true.
     """
+    # Refuse someone else's folder before any work, not only at the final swap.
+    check_replaceable(Path(config.out).absolute(), MANIFEST, "build-data output")
     persona_dir = get_settings().persona_dir(config.persona)
     persona = Persona.load(persona_dir)
     store, retriever = _open_retriever(config)

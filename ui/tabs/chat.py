@@ -13,7 +13,6 @@ from rag_persona.generation import BUNDLED, GenerationSettings
 from rag_persona.prompts import MAX_HISTORY_TURNS, MAX_USER_CHARS, check_user_turn
 
 from ..engine import RETRIEVAL_MODES, EngineBusy, Job, TurnOptions, options_from
-from ..loading import shipped_adapter_paths
 from .common import (
     Named,
     Page,
@@ -189,26 +188,33 @@ def _settings(page: Page) -> dict:
 
 
 def _model_row(page: Page) -> dict:
+    """The model switch: only what the server offers (bundled, started with, shipped adapters); admins only."""
     engine = page.engine
     c = {}
     with gr.Row():
+        offered = engine.slot.offered_models()
         current = engine.model_name or next(iter(BUNDLED))
-        c["model_box"] = gr.Dropdown(
-            sorted({*BUNDLED, current}),
+        c["model_box"] = page.admin_only(
+            gr.Dropdown,
+            offered if current in offered else [*offered, current],
             value=current,
-            allow_custom_value=True,
-            label="Model (bundled alias, hub id or folder) — shared by everyone",
+            how="lock",
+            label="Model (bundled, or the one the server started with) — shared by everyone",
             scale=3,
+            elem_id="model-box",
         )
-        c["adapter_box"] = gr.Dropdown(
-            ["default", "none", *shipped_adapter_paths()],
+        c["adapter_box"] = page.admin_only(
+            gr.Dropdown,
+            ["default", *engine.slot.offered_adapters()],
             value="default",
-            allow_custom_value=True,
+            how="lock",
             label="Adapter (default: the chat's default for this model)",
             scale=3,
+            elem_id="adapter-box",
         )
-        c["load_btn"] = gr.Button("Load model", scale=1)
-    c["model_status"] = gr.Markdown(f"Loaded: `{engine.model_label()}`")
+        c["load_btn"] = page.admin_only(gr.Button, "Load model", scale=1, elem_id="load-model")
+    c["model_status"] = gr.Markdown(f"Loaded: `{engine.model_label()}`", elem_id="model-status")
+    page.admin_notice(elem_id="model-admin-off")
     return c
 
 
@@ -360,8 +366,12 @@ class ChatCallbacks:
     def on_mode(self, mode):
         return gr.update(value=self.page.threshold_for(mode), info=self.page.threshold_info(mode))
 
-    def load_model(self, name, adapter):
+    def load_model(self, name, adapter, request: gr.Request | None = None):
         engine, page = self.engine, self.page
+        refused = page.refusal(request)
+        if refused:  # checked here, not only by hiding the button: any client can call the event
+            gr.Warning(refused)
+            return self.switched.values(model_status=f"⚠️ {refused} (still serving `{engine.model_label()}`)")
         name = (name or "").strip() or None
         adapter = None if adapter in (None, "", "default") else adapter
         try:

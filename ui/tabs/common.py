@@ -12,6 +12,7 @@ import gradio as gr
 
 from rag_persona.generation.backend import timing_line
 
+from ..access import Access
 from ..engine import RETRIEVAL_MODES, Engine
 
 CONTEXT_LABELS = {"prompt": "prompt", "xattn": "cross-attention"}
@@ -43,11 +44,14 @@ class Named:
 # -- the page ------------------------------------------------------------------------------------------------
 @dataclass
 class Page:
-    """The engine behind the page, the header every tab refreshes, and the retrieval defaults per mode."""
+    """The engine behind the page, the header every tab refreshes, the retrieval defaults per mode, and who
+    may administer (the admin controls registered here are shown to administrators only, on page load)."""
 
     engine: Engine
+    access: Access = field(default_factory=Access)
     mode_defaults: dict = field(default_factory=dict)
     header: Any = None  # the gr.Markdown, created inside the Blocks
+    role_controls: list = field(default_factory=list)  # (component, "hide" | "lock" | "notice")
 
     def __post_init__(self) -> None:
         self.initial = self.engine.defaults()
@@ -82,6 +86,37 @@ class Page:
         return (
             f"Facts scoring below it are not given to the model. For {mode}: {d['threshold']:.3f} ({source})."
         )
+
+    # -- administration ---------------------------------------------------------------------------------------
+    def refusal(self, request: gr.Request | None) -> str | None:
+        """None when the caller may administer, else the message it gets (the callback then changes nothing)."""
+        return self.access.refusal(getattr(request, "username", None))
+
+    def admin_only(self, make, *args, how: str = "hide", **kwargs):
+        """An admin control: hidden ("hide") or read-only ("lock") for others. Until the page's load event
+        says who signed in, it is shown only when everyone administers (--admin)."""
+        kwargs["visible" if how == "hide" else "interactive"] = self.access.local_admin
+        component = make(*args, **kwargs)
+        self.role_controls.append((component, how))
+        return component
+
+    def admin_notice(self, **kwargs):
+        """A line saying why the admin controls next to it are hidden, shown to non-administrators."""
+        text = self.access.refusal(None) or ""
+        notice = gr.Markdown(f"🔒 {text}", visible=bool(text), **kwargs)
+        self.role_controls.append((notice, "notice"))
+        return notice
+
+    def role_updates(self, request: gr.Request) -> list:
+        """On page load: the admin controls shown/enabled for administrators, hidden/locked for others."""
+        refused = self.refusal(request)
+        updates = []
+        for _, how in self.role_controls:
+            if how == "notice":
+                updates.append(gr.update(visible=bool(refused), value=f"🔒 {refused}" if refused else ""))
+            else:
+                updates.append(gr.update(**{"visible" if how == "hide" else "interactive": not refused}))
+        return updates
 
     def header_md(self) -> str:
         engine, persona = self.engine, self.persona

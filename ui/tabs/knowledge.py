@@ -90,9 +90,10 @@ def build(page: Page) -> KnowledgeTab:
         with gr.Row():
             f_questions = gr.Textbox(label="questions (one a line)", lines=3, elem_id="kb-questions")
             f_tags = gr.Textbox(label="tags (comma-separated)", elem_id="kb-tags")
+        page.admin_notice(elem_id="kb-admin-off")
         with gr.Row():
             buttons = {
-                action: gr.Button(label, variant=variant, elem_id=elem_id)
+                action: page.admin_only(gr.Button, label, variant=variant, elem_id=elem_id)
                 for action, label, variant, elem_id in BUTTONS
             }
         status = gr.Markdown("", elem_id="kb-status")
@@ -126,8 +127,12 @@ class KnowledgeCallbacks:
             id=fact.id, text=fact.text, questions="\n".join(fact.questions), tags=", ".join(fact.tags)
         )
 
-    def kb_edit(self, action, fid, text, questions, tags, query, how):
+    def kb_edit(self, action, fid, text, questions, tags, query, how, request: gr.Request | None = None):
         engine, page = self.engine, self.page
+        refused = page.refusal(request)
+        if refused:  # checked here, not only by hiding the buttons: any client can call the event
+            gr.Warning(refused)
+            return self.edited.values(status=f"⚠️ {refused}")
         fid = (fid or "").strip()
         try:
             if not fid:
@@ -157,9 +162,18 @@ class KnowledgeCallbacks:
         inputs = [*tab.form.components, tab.query, tab.how]
         for action, button in tab.buttons.items():
             button.click(
-                lambda *form, action=action: self.kb_edit(action, *form),
+                self.edit_for(action),
                 inputs,
                 self.edited.components,
                 concurrency_limit=1,
                 concurrency_id="kb",
             )
+
+    def edit_for(self, action: str):
+        """The click handler of one edit button (Gradio hands the signed-in user in as gr.Request)."""
+
+        def edit(fid, text, questions, tags, query, how, request: gr.Request):
+            return self.kb_edit(action, fid, text, questions, tags, query, how, request)
+
+        edit.__name__ = edit.__qualname__ = f"kb_{action}"  # the page's API name: /kb_add, /kb_update, ...
+        return edit

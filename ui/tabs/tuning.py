@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -35,10 +36,59 @@ def tune(engine: Engine, queries_path: str | Path, mode: str, k: int, *, candida
     return result, out
 
 
+def persona_folder(page: Page) -> Path:
+    """knowledge/<persona>/: the only server folder whose query files the tab may read."""
+    return get_settings().persona_dir(page.persona.id)
+
+
 def default_queries_path(page: Page) -> str:
-    """The persona's dev queries when they exist, else empty."""
-    candidate = get_settings().persona_dir(page.persona.id) / "queries" / "dev.jsonl"
-    return str(candidate) if candidate.exists() else ""
+    """The persona's dev queries (relative to its folder) when they exist, else empty."""
+    candidate = persona_folder(page) / "queries" / "dev.jsonl"
+    return "queries/dev.jsonl" if candidate.exists() else ""
+
+
+def shown_path(path: str | Path, folder: Path) -> str:
+    """A path as the box shows it: relative to the persona's folder when under it."""
+    try:
+        return str(Path(path).resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def queries_under(text: str, folder: Path) -> Path:
+    """A query file named in the box: under the persona's folder (symlinks resolved), never with '..'."""
+    where = f"knowledge/{folder.name}/"
+    given = Path(text)
+    if ".." in given.parts:
+        raise RagPersonaError(f"tuning: '..' is not allowed in a query path; give a file under {where}")
+    base = folder.resolve()
+    path = (given if given.is_absolute() else base / given).resolve()
+    if not path.is_relative_to(base):
+        raise RagPersonaError(f"tuning: {text!r} is not under {where}; give a file there or upload one")
+    if path.suffix != ".jsonl":
+        raise RagPersonaError(f"tuning: {text!r}: expected a .jsonl query file")
+    if not path.is_file():
+        raise RagPersonaError(f"tuning: {where}{path.relative_to(base)}: no such file")
+    return path
+
+
+def uploaded(value, upload_root: Path) -> Path:
+    """An uploaded file, which Gradio keeps in its own upload folder (anything else is refused)."""
+    path = Path(str(value)).resolve()
+    if not path.is_relative_to(upload_root.resolve()) or not path.is_file():
+        raise RagPersonaError("tuning: the upload is not a file uploaded to this page; upload it again")
+    return path
+
+
+def scrubbed(message: str, path: Path, shown: str) -> str:
+    """An error about a query file without any of its contents: the path shown as named, quoted values cut."""
+    head, rest = (shown, message[len(str(path)) :]) if message.startswith(str(path)) else ("", message)
+    # a quoted value in a problem comes from the file (e.g. an unknown id); field names are the parser's
+    masked = re.sub(r"field '[^'\"]*'", lambda m: "_" * len(m.group()), rest)
+    cut = min((i for i in (masked.find("'"), masked.find('"')) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[:cut].rstrip(" :") + " (value not shown)"
+    return f"tuning: {head}{rest}" if head else rest
 
 
 def result_markdown(result, mode: str, src) -> str:
@@ -54,26 +104,35 @@ def result_markdown(result, mode: str, src) -> str:
 
 
 def build(page: Page, chat: ChatTab, default_queries: str | None = None) -> None:
-    """The tab and its events; "Use in this chat" sets the chat tab's mode and threshold."""
-    if default_queries is None:
-        default_queries = default_queries_path(page)
+    """The tab and its events; "Use in this chat" sets the chat tab's mode and threshold (administrators only)."""
+    folder = persona_folder(page)
+    default_queries = (
+        default_queries_path(page) if default_queries is None else shown_path(default_queries, folder)
+    )
     with gr.Tab("Threshold tuning", id="tuning-tab"):
         gr.Markdown(INTRO)
+        page.admin_notice(elem_id="tune-admin-off")
         with gr.Row():
-            path = gr.Textbox(default_queries, label="Labelled queries (path)", scale=3, elem_id="tune-path")
-            upload = gr.File(label="…or upload a JSONL", file_types=[".jsonl"], scale=2)
+            path = page.admin_only(
+                gr.Textbox,
+                default_queries,
+                label=f"Labelled queries (path under knowledge/{folder.name}/)",
+                scale=3,
+                elem_id="tune-path",
+            )
+            upload = page.admin_only(gr.File, label="…or upload a JSONL", file_types=[".jsonl"], scale=2)
         with gr.Row():
             mode = gr.Radio(list(RETRIEVAL_MODES), value=page.default_mode, label="Retrieval mode")
             k = gr.Slider(1, 20, value=page.default_k, step=1, label="k")
-            run = gr.Button("Run tuning", variant="primary", elem_id="tune-run")
+            run = page.admin_only(gr.Button, "Run tuning", variant="primary", elem_id="tune-run")
         result = gr.Markdown("", elem_id="tune-result")
         plot = gr.Image(
             label="precision / recall / F1 against threshold", type="filepath", elem_id="tune-plot"
         )
         state = gr.State(None)
         with gr.Row():
-            use = gr.Button("Use in this chat")
-            save = gr.Button("Save to the index (default for everyone)")
+            use = page.admin_only(gr.Button, "Use in this chat")
+            save = page.admin_only(gr.Button, "Save to the index (default for everyone)", elem_id="tune-save")
     callbacks = TuningCallbacks(page, Named(result=result, plot=plot, state=state))
     run.click(
         callbacks.run_tuning,
@@ -87,22 +146,45 @@ def build(page: Page, chat: ChatTab, default_queries: str | None = None) -> None
 
 
 class TuningCallbacks:
-    """Run a sweep; its choice ({mode, threshold, info}) waits in a gr.State until used or saved."""
+    """Run a sweep; its choice ({mode, threshold, info}) waits in a gr.State until used or saved.
+
+    Running and saving are administration: refused (and nothing read or changed) for anyone else.
+    """
 
     def __init__(self, page: Page, out: Named):
         self.page, self.engine, self.out = page, page.engine, out
 
-    def run_tuning(self, path, upload, mode, k, progress=gr.Progress()):
-        src = upload if upload else (path or "").strip()
+    def query_file(self, path, upload) -> tuple[Path, str]:
+        """(file to read, its name in messages): an upload, else a path under the persona's folder."""
+        if upload:
+            file = uploaded(upload, Path(gr.utils.get_upload_folder()))
+            return file, file.name  # Gradio keeps the uploaded file's own name
+        text = (path or "").strip()
+        if not text:
+            raise RagPersonaError("tuning: give a labelled query file (path or upload)")
+        folder = persona_folder(self.page)
+        file = queries_under(text, folder)
+        return file, f"knowledge/{folder.name}/{file.relative_to(folder.resolve())}"
+
+    def run_tuning(self, path, upload, mode, k, request: gr.Request, progress=gr.Progress()):
+        refused = self.page.refusal(request)
+        if refused:
+            gr.Warning(refused)
+            return self.out.values(result=f"⚠️ {refused}", plot=None, state=None)
+        file, shown = None, ""
         try:
-            if not src:
-                raise RagPersonaError("tuning: give a labelled query file (path or upload)")
-            result, plot = tune(self.engine, src, mode, int(k), progress=progress)
+            file, shown = self.query_file(path, upload)
+            result, plot = tune(self.engine, file, mode, int(k), progress=progress)
         except RagPersonaError as exc:
-            gr.Warning(str(exc))
-            return self.out.values(result=f"⚠️ {exc}", plot=None, state=None)
-        chosen = {"mode": mode, "threshold": result.chosen, "info": {**result.to_dict(), "queries": str(src)}}
-        return self.out.values(result=result_markdown(result, mode, src), plot=str(plot), state=chosen)
+            message = scrubbed(str(exc), file, shown) if file is not None else str(exc)
+            gr.Warning(message)
+            return self.out.values(result=f"⚠️ {message}", plot=None, state=None)
+        except Exception as exc:  # noqa: BLE001 - anything else: its type only, never the file's text
+            message = f"tuning: {shown or 'the query file'}: could not be used ({type(exc).__name__})"
+            gr.Warning(message)
+            return self.out.values(result=f"⚠️ {message}", plot=None, state=None)
+        chosen = {"mode": mode, "threshold": result.chosen, "info": {**result.to_dict(), "queries": shown}}
+        return self.out.values(result=result_markdown(result, mode, shown), plot=str(plot), state=chosen)
 
     def use_tuned(self, state):
         if not state:
@@ -110,7 +192,11 @@ class TuningCallbacks:
             return gr.update(), gr.update()
         return gr.update(value=state["mode"]), gr.update(value=state["threshold"])
 
-    def save_tuned(self, state):
+    def save_tuned(self, state, request: gr.Request):
+        refused = self.page.refusal(request)
+        if refused:
+            gr.Warning(refused)
+            return f"⚠️ {refused}"
         if not state:
             gr.Warning("Run the tuning first.")
             return gr.update()
