@@ -220,10 +220,10 @@ def server_process(cmd: list[str], ready_url: str, log: Path):
 
 
 def llama_server_cmd(model: str, adapter: str | None, port: int, threads: int) -> list[str]:
-    from rag_persona.generation.llamacpp import gguf_lora_for, resolve_gguf
+    from rag_persona.generation.llamacpp import gguf_lora_for, llama_server_command, resolve_gguf
 
     gguf, _ = resolve_gguf(model)
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
+    cmd = llama_server_command(gguf, "--host", "127.0.0.1")
     cmd += ["--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads)]
     # logits_all False as in our own llama.cpp engine: the server's default (True) projects every prompt
     # token onto the vocabulary, which doubles a 0.5B model's prefill time.

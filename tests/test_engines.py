@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -88,11 +87,11 @@ def llamacpp_base():
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory):
     """llama-cpp-python's own OpenAI-compatible server on the bundled GGUF, on localhost, for the test session."""
-    from rag_persona.generation.llamacpp import GGUF_FILE, prepare_gguf
+    from rag_persona.generation.llamacpp import GGUF_FILE, llama_server_command, prepare_gguf
 
     port = _free_port()
     gguf = prepare_gguf("qwen2.5-coder-0.5b") / GGUF_FILE
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
+    cmd = llama_server_command(gguf, "--host", "127.0.0.1")
     # its log goes to a file: an unread pipe fills up and then blocks the server mid-request
     log = open(tmp_path_factory.mktemp("llama-server") / "server.log", "w+b")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -240,4 +239,6 @@ def test_gguf_lora_steers_llamacpp_like_the_peft_adapter(tmp_path, bundled_lm, l
     print(
         f"GGUF LoRA vs peft: {same_as_peft}/20 identical; llama.cpp without the LoRA: {same_without_lora}/20"
     )
-    assert same_as_peft >= 12 and same_as_peft > same_without_lora
+    # The issue's bar is "most of 20". Exact 16-token identity between 4-bit llama.cpp and bf16 peft moves
+    # with the CPU kernels: 12-14/20 with llama.cpp's repacked weights, 11/20 with them off (AMX CPUs).
+    assert same_as_peft > len(queries) // 2 and same_as_peft > same_without_lora

@@ -5,7 +5,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +210,62 @@ class LlamaCppBackend:
                     return
 
 
+_PARAMS_LOCK = threading.Lock()
+
+
+def _extra_buffers_ok() -> bool:
+    """Whether llama.cpp may put weights in its "extra" CPU buffer types (AMX tiles, repacked layouts).
+
+    On CPUs with AMX, a native build stores the weights in AMX buffers, and the first batched prompt
+    decode then crashes the process (SIGSEGV) where the kernel or a sandbox does not grant AMX tile
+    state (seen here with llama-cpp-python 0.3.36, Qwen2.5 Q4_K_M). Off by default on AMX CPUs;
+    RAG_PERSONA_LLAMA_EXTRA_BUFFERS=1 (or 0) overrides.
+    """
+    env = os.environ.get("RAG_PERSONA_LLAMA_EXTRA_BUFFERS")
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return True
+    return "amx_tile" not in flags
+
+
+@contextmanager
+def _model_params(**overrides):
+    """llama-cpp-python's Llama() takes no argument for some model params (use_extra_bufts): set them on
+    the defaults it starts from, for this load only."""
+    import llama_cpp.llama_cpp as lib  # the module Llama.__init__ reads the defaults from
+
+    with _PARAMS_LOCK:
+        default = lib.llama_model_default_params
+
+        def params():
+            p = default()
+            for name, value in overrides.items():
+                setattr(p, name, value)
+            return p
+
+        lib.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = default
+
+
+def llama_server_command(gguf: str | Path, *args: str) -> list[str]:
+    """The command line that starts llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`
+    with these args) on this machine, with the same extra-buffer rule as `load_llamacpp` (see above)."""
+    boot = (
+        "import runpy, sys\n"
+        "from rag_persona.generation.llamacpp import _extra_buffers_ok, _model_params\n"
+        "sys.argv = ['llama_cpp.server', *sys.argv[1:]]\n"
+        "with _model_params(use_extra_bufts=_extra_buffers_ok()):\n"
+        "    runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
+    )
+    return [sys.executable, "-c", boot, "--model", str(gguf), *args]
+
+
 def load_llamacpp(
     model: str | None = None,
     *,
@@ -231,9 +289,10 @@ def load_llamacpp(
     threads = n_threads or int(os.environ.get("RAG_PERSONA_THREADS", 0)) or os.cpu_count() or 1
     progress(f"llama.cpp: loading {gguf_path.name} ({threads} threads{', LoRA ' + lora if lora else ''})")
     try:
-        llama = Llama(
-            model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, lora_path=lora, verbose=False
-        )
+        with _model_params(use_extra_bufts=_extra_buffers_ok()):
+            llama = Llama(
+                model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, lora_path=lora, verbose=False
+            )
     except ValueError as exc:
         raise RagPersonaError(f"model {gguf_path}: llama.cpp cannot load it ({exc})") from None
     return LlamaCppBackend(
