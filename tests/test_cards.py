@@ -80,13 +80,16 @@ def test_v2_kansai_card():
     folder = convert_card(card)
     persona = Persona.from_dict(folder.persona)
     assert persona.id == "kansai_kushikatsu"
+    # description, personality and scenario describe the character: all in the summary, no instruction,
+    # so the prompt's style line shows first person, endings and example lines.
     assert persona.summary == (
         "大阪・新世界で串カツ屋「串かつ 鶴や」を切り盛りする二代目女将、32歳。鶴田美咲は父から店を継いで8年目になる。"
-    )
-    assert persona.greeting == "いらっしゃい！あなた、カウンター空いてるで。まずは土手焼きからいっとく？"
-    assert persona.style.instruction == (
         "性格：気っ風がよく面倒見がいい。声が大きくて冗談好き。場面：あなたは仕事帰りにふらりと店に立ち寄った客。"
     )
+    assert persona.greeting == "いらっしゃい！あなた、カウンター空いてるで。まずは土手焼きからいっとく？"
+    assert persona.style.instruction == "" and persona.style.endings == ("やで", "やねん", "ねん")
+    style_line = persona.style.sentences(persona.name)
+    assert "一人称は「うち」です。" in style_line and "「〜やで」" in style_line and "そら牛串やで！" in style_line
     # Answers to a user line first, then the lone character line; continuation lines stay in their line.
     assert persona.style.examples == (
         "そら牛串やで！うちの一番人気やねん。",
@@ -132,11 +135,9 @@ def test_v3_samurai_card_uses_the_nickname_and_name_prefixed_lines():
     persona = Persona.from_dict(folder.persona)
     assert persona.id == "ronin"
     assert persona.greeting == "拙者、榊原蔵人と申す。隣に越してこられたのは町人殿でござるか。"
-    # No personality: the summary is the description; {{original}} is dropped from system_prompt.
-    assert (
-        persona.style.instruction
-        == "場面：町人は長屋の隣に越してきたばかりの町人。蔵人は古風な武士言葉で話す。"
-    )
+    # No personality: the scenario and system_prompt follow the description; {{original}} is dropped.
+    assert persona.summary.endswith("場面：町人は長屋の隣に越してきたばかりの町人。蔵人は古風な武士言葉で話す。")
+    assert persona.style.instruction == ""
     assert (
         persona.style.examples[1]
         == "若い頃はいささか鳴らしたものでござるよ。今は竹刀より筆を握る日が多いがな。"

@@ -6,12 +6,14 @@ case-insensitive; {{original}} dropped; other macros kept as written):
 
 - persona.json (the schema of rag_persona.prompts.Persona): ``id`` (--id, else the id a rag-persona export
   stored, else a lower-case ASCII slug of the name or of the file name); ``name``; ``summary`` =
-  description (else personality, else scenario), on one line; ``greeting`` = first_mes;
-  ``style.instruction`` = the other two of personality (「性格：…」) and scenario (「場面：…」) plus
-  system_prompt, as one line of sentences; ``style.examples``, ``style.first_person`` and ``style.markers``
-  from mes_example (below). A card written by `persona_to_card` carries data.extensions.rag_persona (id,
-  reading, style, reply_length): its style is taken instead of the derived one (instruction excepted, which
-  always comes from the card's text).
+  description, then personality (「性格：…」), scenario (「場面：…」) and system_prompt, on one line;
+  ``greeting`` = first_mes; ``style.examples`` (the first MAX_PROMPT_EXAMPLES), ``style.first_person``,
+  ``style.markers`` and ``style.endings`` (the first MAX_PROMPT_ENDINGS markers) from mes_example (below),
+  no ``style.instruction``, so the prompt's style line is rendered from them (first person, endings,
+  example lines) — an instruction would replace it. A card written by `persona_to_card` carries
+  data.extensions.rag_persona (id, reading, style, reply_length): its style is taken instead of the
+  derived one, the summary is the description, and ``style.instruction`` = the other two of personality
+  and scenario plus system_prompt (what the export wrote there).
 - facts.jsonl: one fact per enabled character_book entry: ``text`` = content (leading @@decorator lines
   dropped), ``keywords`` = keys + secondary_keys, ``questions`` = the question-like keys (`is_question`),
   ``constant: true`` for constant entries (questions and tags come back from the entry's
@@ -427,14 +429,21 @@ def _facts(card: Card, fix: Callable[[str], str]) -> tuple[list[Fact], list[str]
     return facts, disabled, empty
 
 
+# How much of the derived style the prompt shows: a few endings and example lines (the metrics use all markers).
+MAX_PROMPT_ENDINGS = 5
+MAX_PROMPT_EXAMPLES = 4
+
+
 def _style(ours: dict, examples: list[str], greeting: str, instruction: str) -> dict:
     if "style" in ours:
         style = {k: v for k, v in ours["style"].items() if k != "instruction"}
     else:
+        markers = derive_markers(examples)
         style = {
             "first_person": detect_first_person([*examples, greeting]),
-            "examples": examples,
-            "markers": derive_markers(examples),
+            "endings": markers[:MAX_PROMPT_ENDINGS],
+            "examples": examples[:MAX_PROMPT_EXAMPLES],
+            "markers": markers,
         }
     style["instruction"] = instruction
     # Style.to_dict's order; markers stay even when empty: [] means "no register", absent means the endings.
@@ -462,6 +471,15 @@ def convert_card(
     labels = {"personality": "性格", "scenario": "場面"}
     instruction = "".join(sentence(labels[k], parts[k]) for k in labels if k != summary_key)
     instruction += sentence("", fix(card.system_prompt))
+    if "style" not in ours:
+        # A card from elsewhere: its texts describe the character, so they join the summary, and the style
+        # line is rendered from first person, endings and example lines (an instruction would replace it,
+        # and the model would never see how the character talks).
+        summary_text = " ".join(
+            t for t in [parts[summary_key] if summary_key else "", instruction] if t
+        ).replace("。 ", "。")
+        parts = {**parts, summary_key or "description": summary_text}
+        summary_key, instruction = summary_key or ("description" if summary_text else None), ""
     greeting = fix(card.first_mes).strip()
     persona = {
         "id": (persona_id or "").strip()
