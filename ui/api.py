@@ -1,6 +1,8 @@
 """OpenAI-compatible chat completions for the persona, served on the same FastAPI app as the Gradio page.
 
-``POST /v1/chat/completions`` takes the usual ``{"model", "messages", "stream", "max_tokens", ...}``. The
+``POST /v1/chat/completions`` takes the usual ``{"model", "messages", "stream", "max_tokens", ...}``; the
+``model`` is the id of a served persona (``GET /v1/models`` lists them; left out or empty: the server's first
+persona), so one server answers as several personas, each with its own instruction, index and adapter. The
 server keeps no conversation state: every request carries its own history, so conversations are isolated
 by construction; the engine queues generations on the one shared model. The persona's own instruction
 replaces any ``system`` message (it is what the model was trained with); the history is cut to the last
@@ -42,7 +44,7 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.prompts import MAX_HISTORY_TURNS, MAX_USER_CHARS, check_user_turn
 from rag_persona.utils.text import unicode_problem
 
-from .engine import CONTEXT_MODES, RETRIEVAL_MODES, Engine, EngineBusy, TurnOptions, options_from
+from .engine import CONTEXT_MODES, RETRIEVAL_MODES, Engine, EngineBusy, Personas, TurnOptions, options_from
 
 MAX_MESSAGES = 200
 MAX_SYSTEM_CHARS = 20_000
@@ -328,8 +330,9 @@ async def _next_event(job, poll: float = DISCONNECT_POLL_S, gone=None):
             raise ClientGone
 
 
-def create_api(engine: Engine, *, auth: tuple[str, str] | None = None) -> FastAPI:
-    """The FastAPI app serving /v1 (routes, error handlers, docs); the Gradio page is mounted on it later.
+def create_api(engine: Engine | Personas, *, auth: tuple[str, str] | None = None) -> FastAPI:
+    """The FastAPI app serving /v1 (routes, error handlers, docs) for one engine or several personas; the
+    Gradio page is mounted on it later.
 
     The OpenAPI schema and docs page sit under /v1 behind the same credentials as the API.
     """
@@ -342,11 +345,17 @@ def create_api(engine: Engine, *, auth: tuple[str, str] | None = None) -> FastAP
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
-def add_api_routes(app: FastAPI, engine: Engine, *, auth: tuple[str, str] | None = None) -> APIRouter:
+def add_api_routes(
+    app: FastAPI, engine: Engine | Personas, *, auth: tuple[str, str] | None = None
+) -> APIRouter:
     """Add /v1/models, /v1/chat/completions, /v1/health and the docs to app (before the page is mounted);
-    any other /v1 path or method gets an OpenAI-shaped 404/405 here instead of falling through to the page."""
+    any other /v1 path or method gets an OpenAI-shaped 404/405 here instead of falling through to the page.
+
+    The models are the served personas' ids; a request's `model` picks the persona (none: the default).
+    """
     router = APIRouter(prefix="/v1", dependencies=[Depends(make_auth(auth))])
-    model_ids = [engine.persona.id]
+    personas = Personas.of(engine)
+    model_ids = personas.ids
 
     @router.get("/models")
     def list_models() -> dict:
@@ -359,7 +368,14 @@ def add_api_routes(app: FastAPI, engine: Engine, *, auth: tuple[str, str] | None
 
     @router.get("/health")
     def health() -> dict:
-        return {"status": "ok", **engine.info()}
+        """The default persona's engine at the top level (as with one persona), then every persona."""
+        return {
+            "status": "ok",
+            **personas.default.info(),
+            "default_persona": personas.default.persona.id,
+            "models_loaded": len(personas.models()),
+            "personas": [{"id": pid, **e.info()} for pid, e in personas.engines.items()],
+        }
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -370,7 +386,7 @@ def add_api_routes(app: FastAPI, engine: Engine, *, auth: tuple[str, str] | None
                 "model",
                 "model_not_found",
             )
-        return await complete(engine, req, request)
+        return await complete(personas.get(req.model), req, request)
 
     @router.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:

@@ -3,15 +3,22 @@
 `create_app(engine)` returns one FastAPI app: the OpenAI-compatible `/v1/...` routes (ui.api) and the Gradio
 Blocks mounted at `/`. One engine (model + queue) serves both; each browser session keeps its own
 conversation in a `gr.State`, so sessions never see each other's turns.
+
+`create_app(personas)` serves several personas (ui.engine.Personas): the API picks one by the request's
+`model`, the page by a persona selector at its top (shown with more than one persona). The selected persona
+is a `gr.State` of the session, so one visitor's choice never changes another's; switching clears the
+conversation and points the chat, knowledge and tuning tabs at that persona.
 """
 
 from __future__ import annotations
 
 import gradio as gr
 
+from rag_persona.errors import RagPersonaError
+
 from .access import Access
 from .api import create_api
-from .engine import CONTEXT_MODES, Engine
+from .engine import CONTEXT_MODES, Engine, Personas
 from .tabs import chat, knowledge, tuning
 from .tabs.common import Page
 from .tabs.tuning import tune
@@ -28,30 +35,58 @@ CSS = """
 
 
 def build_blocks(
-    engine: Engine, *, access: Access | None = None, default_queries: str | None = None
+    engine: Engine | Personas, *, access: Access | None = None, default_queries: str | None = None
 ) -> gr.Blocks:
-    """The page: a header over the Chat, Knowledge and Threshold tuning tabs; admin controls per sign-in."""
-    page = Page(engine, access or Access())
-    with gr.Blocks(title=f"{engine.persona.name} — rag-persona", fill_width=True) as demo:
+    """The page: the persona selector and a header over the Chat, Knowledge and Threshold tuning tabs;
+    admin controls per sign-in."""
+    page = Page(Personas.of(engine), access or Access())
+    title = " / ".join(e.persona.name for e in page.personas)
+    with gr.Blocks(title=f"{title} — rag-persona", fill_width=True) as demo:
+        page.selected = gr.State(page.persona.id)
+        selector = gr.Dropdown(
+            [(f"{e.persona.display_name} · {pid}", pid) for pid, e in page.personas.engines.items()],
+            value=page.persona.id,
+            label="Persona (for this browser session; switching starts a new conversation)",
+            visible=len(page.personas) > 1,
+            elem_id="persona-select",
+        )
         page.header = gr.Markdown(page.header_md(), elem_id="header")
         turns = gr.State([])
         with gr.Tabs():
             chat_tab = chat.build(page, turns)
-            knowledge.build(page)
-            tuning.build(page, chat_tab, default_queries)
+            kb_tab = knowledge.build(page)
+            tuning_tab = tuning.build(page, chat_tab, default_queries)
         # who signed in decides what is shown; every admin callback checks again on its own
         demo.load(page.role_updates, None, [c for c, _ in page.role_controls], api_visibility="private")
+        views = [chat_tab.callbacks, kb_tab.callbacks, tuning_tab]
+        outputs = [page.selected, page.header, *(c for v in views for c in v.persona_view.components)]
+
+        def select_persona(pid):
+            """This session's persona: every tab follows it, the conversation starts anew."""
+            try:
+                page.engine_for(pid)
+            except RagPersonaError as exc:  # a client may send any string
+                gr.Warning(str(exc))
+                return {}
+            updates = {page.selected: pid, page.header: page.header_md(pid)}
+            for view in views:
+                updates.update(view.for_persona(pid))
+            return updates
+
+        selector.input(
+            select_persona, selector, outputs, cancels=chat_tab.turn_events, concurrency_limit=None
+        )
     return demo
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | Personas,
     *,
     auth: tuple[str, str] | None = None,
     access: Access | None = None,
     default_queries: str | None = None,
 ):
-    """FastAPI app: /v1 (OpenAI-compatible) + the Gradio page at /, sharing one engine.
+    """FastAPI app: /v1 (OpenAI-compatible) + the Gradio page at /, sharing one engine (or the personas).
 
     `access` says who signs in and who administers; `auth` alone (chat credentials) means no administration.
     """
@@ -82,4 +117,4 @@ def create_app(
     )
 
 
-__all__ = ["CONTEXT_MODES", "build_blocks", "create_app", "tune"]
+__all__ = ["CONTEXT_MODES", "Personas", "build_blocks", "create_app", "tune"]

@@ -1,4 +1,8 @@
-"""`rag-persona serve`: the Gradio app and the OpenAI-compatible API on one port, registered by entry point."""
+"""`rag-persona serve`: the Gradio app and the OpenAI-compatible API on one port, registered by entry point.
+
+`--persona ID|DIR` (repeatable) serves several personas at once, the first the default: each its own
+persona.json, index and adapter rule; personas needing the same (model, adapter) share one loaded model.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -46,16 +51,19 @@ def serve(
     share: bool = False,
     engine: str = "auto",
     log=print,
+    personas: Sequence[str] | None = None,
 ) -> None:
-    """Load the engine, build the app, and serve it with uvicorn until interrupted.
+    """Load the engines, build the app, and serve it with uvicorn until interrupted.
 
     `access` (chat and admin sign-ins, --admin) wins over `auth` (chat credentials only, no administration).
+    `personas`: ids under knowledge/ or folders, the first the default (none: the settings' persona);
+    `index` only with one persona.
     """
     # here, not at the top: uvicorn, gradio and torch would slow every other rag-persona command
     import uvicorn
 
     from .app import create_app
-    from .engine import Engine
+    from .engine import check_personas, serve_personas
     from .loading import engine_loader
 
     access = access or Access(chat=auth)
@@ -64,15 +72,19 @@ def serve(
         raise RagPersonaError("--share true: a public link needs a sign-in; give --auth or --admin-auth")
     if access.local_admin and (share or host not in LOCAL_HOSTS):
         raise RagPersonaError("--admin: only on a localhost-only server without --share; use --admin-auth")
+    check_personas(list(personas or []), index)
     check_port_free(host, port)
-    chat = Engine(model, adapter, index=index, loader=engine_loader(engine), progress=log)
-    app = create_app(chat, access=access)
+    served = serve_personas(personas, model, adapter, index=index, loader=engine_loader(engine), progress=log)
+    app = create_app(served, access=access)
     if host not in LOCAL_HOSTS and not access.signed_in:
         log(f"warning: listening on {host} without --auth: anyone who can reach it can chat")
     log(f"administration: {administration_line(access)}")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     log(f"chat:  http://{shown}:{port}/")
-    log(f"API:   http://{shown}:{port}/v1/chat/completions (OpenAI-compatible; model '{chat.persona.id}')")
+    for line in persona_lines(served):
+        log(line)
+    models = ", ".join(f"'{pid}'" for pid in served.ids)
+    log(f"API:   http://{shown}:{port}/v1/chat/completions (OpenAI-compatible; model {models})")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     if share:
@@ -88,6 +100,19 @@ def serve(
             thread.join(5)
         return
     server.run()
+
+
+def persona_lines(served) -> list[str]:
+    """What the startup log says about each persona: its model, adapter and facts; which share a model."""
+    slots = {id(slot): i + 1 for i, slot in enumerate(served.models())}
+    lines = [
+        f"persona {pid}{' (default)' if e is served.default else ''}: {e.persona.name}, "
+        f"{len(e.store.facts)} facts, model #{slots[id(e.slot)]} `{e.model_label()}`"
+        for pid, e in served.engines.items()
+    ]
+    if len(served) > 1:
+        lines.append(f"{len(slots)} loaded model(s) for {len(served)} personas")
+    return lines
 
 
 def administration_line(access: Access) -> str:
@@ -161,14 +186,24 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         index: Annotated[
-            Path | None, typer.Option("--index", help="Index folder (default: the persona's).")
+            Path | None,
+            typer.Option("--index", help="Index folder (default: the persona's); only with one persona."),
+        ] = None,
+        persona: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--persona",
+                help="Persona to serve: an id under knowledge/ or a persona folder; repeat it to serve several "
+                "(the first is the default; API clients pick one by 'model'). Default: the settings' persona. "
+                "Personas needing another adapter load another copy of the model (~0.4 GB for the 0.5B Q4).",
+            ),
         ] = None,
         share: Annotated[
             str, typer.Option("--share", help="true: also open a public gradio.live link.")
         ] = "false",
         engine: Annotated[str, typer.Option("--engine", help=ENGINE_HELP)] = "auto",
     ) -> None:
-        """Start the Gradio chat with the persona and the OpenAI-compatible /v1/chat/completions on one port.
+        """Start the Gradio chat with the persona(s) and the OpenAI-compatible /v1/chat/completions on one port.
 
         Administration (knowledge edits, threshold saves, model switch, tuning): --admin-auth or --admin.
         """
@@ -194,4 +229,5 @@ def register(app: typer.Typer) -> None:
             share=shared,
             engine=engine,
             log=_progress,
+            personas=persona,
         )

@@ -9,6 +9,11 @@ nobody. Model/adapter switches and the cross-attention load run as jobs too, so 
 generation instead of pulling the model out from under it.
 
 What is served (the store and its retrievers, the loaded model) lives in ui.loading.
+
+A server may serve several personas (`Personas`, one `Engine` each, the first the default). Each has its
+own persona.json, index and adapter rule; personas whose (model, adapter) resolve alike share one loaded
+model and its queue, and a persona needing another adapter gets a model of its own (its memory again:
+about 0.4 GB for the bundled 0.5B Q4 on llama.cpp, ~1 GB in bf16 on transformers).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.evaluation.evaluate import resolve_adapter
 from rag_persona.generation import GenerationSettings, Reply, ReplyStream
 from rag_persona.prompts import MAX_HISTORY_TURNS, Persona, check_user_turn
+from rag_persona.settings import KNOWLEDGE_ROOT, get_settings
 
 from .loading import Knowledge, Loader, ModelSlot, SearchAt
 
@@ -266,8 +272,20 @@ class JobQueue:
 
 
 # -- the engine ----------------------------------------------------------------------------------------
+def persona_ref(persona: Persona | str | None) -> str | None:
+    """What names a persona to the settings (its index key, its default adapter): an id under knowledge/,
+    a folder path, or None for the settings' persona."""
+    if not isinstance(persona, Persona):
+        return persona
+    if persona.folder is None:
+        return persona.id
+    folder = Path(persona.folder).absolute()
+    return folder.name if folder.parent == KNOWLEDGE_ROOT else str(folder)
+
+
 class Engine:
-    """The persona, its index, and one model behind a FIFO generation queue."""
+    """The persona, its index, and one model behind a FIFO generation queue (the model and queue possibly
+    shared with other personas' engines: `shares_model_with`)."""
 
     def __init__(
         self,
@@ -281,11 +299,26 @@ class Engine:
         xattn_weights: str | Path | None = None,
         max_waiting: int = DEFAULT_MAX_WAITING,
         progress: Callable[[str], None] = print,
+        shares_model_with: Engine | None = None,
     ):
+        """`persona`: a Persona, an id under knowledge/ or a folder (None: the settings'); it picks the index
+        (unless `store` or `index` is given) and the default adapter. With `shares_model_with`, this engine
+        generates on that engine's loaded model and queue (`model`, `adapter`, `loader` are not used)."""
         self.progress = progress
         self.persona = persona if isinstance(persona, Persona) else default_persona(persona)
-        self.knowledge = Knowledge(store, index, progress=progress)
-        self.slot = ModelSlot(model, adapter, loader=loader, xattn_weights=xattn_weights, progress=progress)
+        self.persona_ref = persona_ref(persona)
+        self.knowledge = Knowledge(store, index, progress=progress, persona=self.persona_ref)
+        if shares_model_with is not None:
+            self.slot, self.jobs = shares_model_with.slot, shares_model_with.jobs
+            return
+        self.slot = ModelSlot(
+            model,
+            adapter,
+            loader=loader,
+            xattn_weights=xattn_weights,
+            progress=progress,
+            persona=self.persona_ref,
+        )
         self.jobs = JobQueue(max_waiting)
 
     # -- what is served --------------------------------------------------------------------------------
@@ -328,6 +361,7 @@ class Engine:
         loaded = self.loaded
         return {
             "persona": self.persona.name,
+            "persona_id": self.persona.id,
             "model": self.model_name or getattr(loaded, "source", None),
             "source": getattr(loaded, "source", None),
             "adapter": getattr(loaded, "adapter", None) or self.adapter,
@@ -432,12 +466,13 @@ class Engine:
     ) -> dict:
         """Load another model/adapter for everyone; the old one serves until the new one is ready.
 
-        Only what the server offers (ModelSlot.offered_models / offered_adapters; None: the default) unless
-        offered_only=False, for library callers that chose the model themselves.
+        Only what the server offers (ModelSlot.offered_models / offered_adapters; None: this persona's
+        default) unless offered_only=False, for library callers that chose the model themselves. Every
+        persona sharing this engine's model gets the new one.
         """
         if offered_only:
             self.slot.check_offered(model, adapter)
-        adapter = resolve_adapter(model, adapter)
+        adapter = resolve_adapter(model, adapter, self.persona_ref)
 
         def load():
             self.slot.switch(model, adapter)
@@ -447,3 +482,117 @@ class Engine:
 
     def close(self) -> None:
         self.jobs.close()
+
+
+# -- several personas on one server ------------------------------------------------------------------------
+class Personas:
+    """The engines a server serves, by persona id (persona.json's `id`); the first is the default."""
+
+    def __init__(self, engines: Sequence[Engine]):
+        if not engines:
+            raise RagPersonaError("personas: serve at least one")
+        self.engines: dict[str, Engine] = {}
+        for engine in engines:
+            if engine.persona.id in self.engines:
+                raise RagPersonaError(f"personas: two personas have the id {engine.persona.id!r}")
+            self.engines[engine.persona.id] = engine
+        self.default = engines[0]
+
+    @classmethod
+    def of(cls, served: Engine | Personas) -> Personas:
+        """One engine as a registry of one (what `create_app(engine)` has always taken), or the registry."""
+        return served if isinstance(served, Personas) else cls([served])
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.engines)
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    def __iter__(self) -> Iterator[Engine]:
+        return iter(self.engines.values())
+
+    def get(self, persona_id: str | None) -> Engine:
+        """The persona's engine; None or "" is the default, an unknown id a RagPersonaError naming the ids."""
+        if not persona_id:
+            return self.default
+        engine = self.engines.get(persona_id)
+        if engine is None:
+            raise RagPersonaError(f"persona {persona_id!r}: not served here; the personas are {self.ids}")
+        return engine
+
+    def models(self) -> list[ModelSlot]:
+        """The loaded models, each once however many personas share it."""
+        return list({id(engine.slot): engine.slot for engine in self}.values())
+
+    def close(self) -> None:
+        for engine in self:
+            engine.close()
+
+
+def check_personas(personas: Sequence[str], index: str | Path | None = None) -> None:
+    """Each --persona names a folder holding persona.json, none twice, and --index comes with one persona
+    at most; one error line for the first problem (before any model or index loads)."""
+    if index is not None and len(personas) > 1:
+        raise RagPersonaError(
+            "--index: only with a single --persona (each persona is served from its own index)"
+        )
+    settings = get_settings()
+    seen: dict[Path, str] = {}
+    for ref in personas:
+        folder = settings.persona_dir(ref)
+        if not (folder / "persona.json").is_file():
+            what = "no such folder" if not folder.is_dir() else "no persona.json in it"
+            raise RagPersonaError(
+                f"--persona {ref}: {folder}: {what} (give an id under knowledge/ or a persona folder)"
+            )
+        if folder in seen:
+            raise RagPersonaError(f"--persona {ref}: the same persona as --persona {seen[folder]}")
+        seen[folder] = ref
+
+
+def serve_personas(
+    personas: Sequence[str] | None,
+    model: str | None = None,
+    adapter: str | None = None,
+    *,
+    index: str | Path | None = None,
+    loader: Loader | None = None,
+    xattn_weights: str | Path | None = None,
+    progress: Callable[[str], None] = print,
+) -> Personas:
+    """An engine per persona (ids or folders; none: the settings' persona), the first the default.
+
+    Each gets its own persona.json, index (`index` only when one persona is served) and adapter rule
+    (`resolve_adapter(model, adapter, persona)`); personas whose (model, adapter) resolve alike share one
+    loaded model and queue.
+    """
+    check_personas(list(personas or []), index)
+    refs: list[str | None] = list(personas or []) or [None]
+    loaded: dict[str, tuple[str | None, Persona]] = {}
+    for ref in refs:  # every persona.json read (and ids checked) before any model loads
+        persona = default_persona(ref)
+        if persona.id in loaded:
+            raise RagPersonaError(
+                f"--persona {ref}: its id {persona.id!r} is already served by --persona {loaded[persona.id][0]}; "
+                "each persona needs its own id"
+            )
+        loaded[persona.id] = (ref, persona)
+    engines: list[Engine] = []
+    by_model: dict[tuple, Engine] = {}
+    for _, persona in loaded.values():
+        key = (model, resolve_adapter(model, adapter, persona_ref(persona)))
+        engine = Engine(
+            model,
+            adapter,
+            index=index,
+            persona=persona,
+            loader=loader,
+            xattn_weights=xattn_weights,
+            progress=progress,
+            shares_model_with=by_model.get(key),
+        )
+        by_model.setdefault(key, engine)
+        engines.append(engine)
+    return Personas(engines)

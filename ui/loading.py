@@ -2,7 +2,8 @@
 
 `Knowledge` owns the store and one library retriever per mode behind one lock, so a search never sees a
 half-rebuilt index. `ModelSlot` owns the loaded model and adapter and, attached on first use, the trained
-cross-attention blocks. Neither schedules anything: the engine (ui.engine) decides when they are used.
+cross-attention blocks (one set on the model, each persona served by it with its own fact encodings).
+Neither schedules anything: the engine (ui.engine) decides when they are used.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from rag_persona.generation.engines import AUTO, open_engine
 from rag_persona.generation.hf_engine import TransformersBackend
 from rag_persona.retrieval.retriever import retriever_for
 from rag_persona.retrieval.store import open_store
-from rag_persona.xattn import DEFAULT_ADAPTER_DIR, WEIGHTS_FILE, decoder_layers, xattn_chat_for
+from rag_persona.xattn import (
+    DEFAULT_ADAPTER_DIR,
+    WEIGHTS_FILE,
+    XattnChat,
+    decoder_layers,
+    load_or_build_encodings,
+    xattn_chat_for,
+)
 
 Loader = Callable[..., object]
 
@@ -40,6 +48,10 @@ class SearchAt:
     def search(self, query: str) -> list:
         return self.retriever.search(query, threshold=self.threshold, k=self.k)
 
+    def search_turn(self, user_turn: str, history=()) -> list:
+        """A chat turn read with the conversation before it (`Retriever.search_turn`)."""
+        return self.retriever.search_turn(user_turn, history, threshold=self.threshold, k=self.k)
+
     def settings(self) -> dict:
         source = getattr(self.retriever, "threshold_source", None)
         return {"mode": self.mode, "threshold": self.threshold, "k": self.k, "threshold_source": source}
@@ -48,8 +60,16 @@ class SearchAt:
 class Knowledge:
     """The fact store and one library retriever per mode; edits and searches share one lock."""
 
-    def __init__(self, store=None, index: str | Path | None = None, progress: Callable[[str], None] = print):
-        self.store = store if store is not None else open_store(index, log=progress)
+    def __init__(
+        self,
+        store=None,
+        index: str | Path | None = None,
+        progress: Callable[[str], None] = print,
+        *,
+        persona: str | None = None,
+    ):
+        """`store`, else the `index` folder, else the index of `persona` (an id or folder; None: the settings')."""
+        self.store = store if store is not None else open_store(index, persona, log=progress)
         self.lock = threading.RLock()  # searches and the swap after an edit
         self._edit_lock = threading.Lock()  # one edit at a time; held while embedding, chats don't wait on it
         self._retrievers: dict[str | None, object] = {}
@@ -146,15 +166,18 @@ class ModelSlot:
         loader: Loader | None = None,
         xattn_weights: str | Path | None = None,
         progress: Callable[[str], None] = print,
+        persona: str | None = None,
     ):
+        """`persona` (an id or folder; None: the settings') picks the default adapter when none is named."""
         self.loader = loader or engine_loader()
         self.progress = progress
         self.started_with = (model, adapter)  # what the command line gave: always offered for a switch
         self.name = model
-        self.adapter = resolve_adapter(model, adapter)  # 'none': the base model; None: the chat's default
+        # 'none': the base model; None: the persona's default (its own adapter, else the base model)
+        self.adapter = resolve_adapter(model, adapter, persona)
         self.loaded = self.loader(model, adapter=self.adapter, progress=progress)
         self._xattn_weights = xattn_weights
-        self._xattn = None
+        self._xattn: dict[str, XattnChat] = {}  # persona id → its chat; the blocks are attached once
         self._xattn_reason = self._check_xattn()
 
     def _check_xattn(self) -> str | None:
@@ -179,7 +202,7 @@ class ModelSlot:
     def xattn_reason(self) -> str:
         if self._xattn_reason:
             return self._xattn_reason
-        state = "loaded" if self._xattn is not None else "loads on first use"
+        state = "loaded" if self._xattn else "loads on first use"
         return f"weights at {xattn_weights_path(self._xattn_weights)} ({state})"
 
     def label(self) -> str:
@@ -189,18 +212,35 @@ class ModelSlot:
         return f"{label} + {Path(adapter).name}" if adapter else label
 
     def xattn_chat(self, store, persona):
-        """Attach the trained cross-attention blocks to the model once (call it on the model's thread)."""
-        if self._xattn is not None:
-            return self._xattn
+        """The persona's cross-attention chat; the trained blocks are attached to the model once, and every
+        persona served by this model gets its own fact encodings (call it on the model's thread)."""
+        chat = self._xattn.get(persona.id)
+        if chat is not None:
+            return chat
         if self._xattn_reason:
             raise RagPersonaError(f"cross-attention mode is unavailable: {self._xattn_reason}")
+        first = next(iter(self._xattn.values()), None)
+        if first is not None:  # the blocks are on the model already: only this persona's facts are new
+            encodings = load_or_build_encodings(
+                first.xmodel,
+                first.loaded.tokenizer,
+                store.facts,
+                getattr(store, "path", None),
+                knowledge_hash=getattr(store, "knowledge_hash", None),
+                progress=self.progress,
+            )
+            chat = XattnChat(
+                persona=persona, retriever=None, loaded=first.loaded, xmodel=first.xmodel, encodings=encodings
+            )
+            self._xattn[persona.id] = chat
+            return chat
         hf = transformers_model(self.loaded)
         if hf is None:  # prompt mode runs on llama.cpp or a server: this mode needs the torch model
             self.progress(f"cross-attention mode: loading {self.name or 'the chat model'} in transformers")
             hf = load_causal_lm(self.name, adapter=self.adapter, progress=self.progress)
             decoder_layers(hf.model)
         try:
-            self._xattn = xattn_chat_for(
+            chat = xattn_chat_for(
                 hf,
                 store,
                 None,
@@ -211,7 +251,8 @@ class ModelSlot:
         except RagPersonaError as exc:  # e.g. weights trained on another base: the mode stays off
             self._xattn_reason = str(exc)
             raise
-        return self._xattn
+        self._xattn[persona.id] = chat
+        return chat
 
     def offered_models(self) -> list[str]:
         """What a switch may load: the bundled models (`rag-persona models list`) and the one started with."""
@@ -240,9 +281,9 @@ class ModelSlot:
     def switch(self, model: str | None, adapter: str | None) -> None:
         """Load model + adapter (already resolved), then swap it in; the old one serves until then."""
         loaded = self.loader(model, adapter=adapter, progress=self.progress)
-        old_x = self._xattn
+        old_x = next(iter(self._xattn.values()), None)  # every persona's chat shares the one set of blocks
         self.loaded, self.name, self.adapter = loaded, model, adapter
-        self._xattn = None
+        self._xattn = {}
         if old_x is not None:
             old_x.xmodel.remove_hooks()
         self._xattn_reason = self._check_xattn()

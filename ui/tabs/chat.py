@@ -1,9 +1,12 @@
-"""The Chat tab: the conversation, the context each reply saw, retrieval/decoding settings, the model switch."""
+"""The Chat tab: the conversation, the context each reply saw, retrieval/decoding settings, the model switch.
+
+Every callback takes the session's persona id (`page.selected`) and works on that persona's engine.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import gradio as gr
@@ -12,7 +15,7 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.generation import BUNDLED, GenerationSettings
 from rag_persona.prompts import MAX_HISTORY_TURNS, MAX_USER_CHARS, check_user_turn
 
-from ..engine import RETRIEVAL_MODES, EngineBusy, Job, TurnOptions, options_from
+from ..engine import RETRIEVAL_MODES, Engine, EngineBusy, Job, TurnOptions, options_from
 from .common import (
     Named,
     Page,
@@ -97,6 +100,9 @@ class ChatTab:
     adapter_box: Any
     load_btn: Any
     model_status: Any
+    turn_events: list = field(
+        default_factory=list
+    )  # send, submit, regenerate: what Stop and a persona switch cancel
 
     def controls(self) -> Named:
         return Named(**{f.name: getattr(self, f.name) for f in fields(Controls)})
@@ -152,7 +158,7 @@ def _xattn_info(engine) -> str:
 
 
 def _settings(page: Page) -> dict:
-    engine, mode, gen = page.engine, page.default_mode, GenerationSettings()
+    engine, mode, gen = page.engine, page.default_mode(), GenerationSettings()
     c = {}
     with gr.Row():
         c["mode"] = gr.Radio(list(RETRIEVAL_MODES), value=mode, label="Retrieval mode", elem_id="mode")
@@ -165,7 +171,7 @@ def _settings(page: Page) -> dict:
             info=page.threshold_info(mode),
             elem_id="threshold",
         )
-        c["k"] = gr.Slider(1, 20, value=page.default_k, step=1, label="k (at most)", elem_id="k")
+        c["k"] = gr.Slider(1, 20, value=page.default_k(), step=1, label="k (at most)", elem_id="k")
     with gr.Row():
         c["context_mode"] = gr.Radio(
             [("prompt", "prompt"), ("cross-attention", "xattn")],
@@ -199,7 +205,7 @@ def _model_row(page: Page) -> dict:
             offered if current in offered else [*offered, current],
             value=current,
             how="lock",
-            label="Model (bundled, or the one the server started with) — shared by everyone",
+            label="Model (bundled, or the one the server started with) — shared by everyone on it",
             scale=3,
             elem_id="model-box",
         )
@@ -231,17 +237,21 @@ def build(page: Page, turns: Any) -> ChatTab:
             c.update(_settings(page))
             c.update(_model_row(page))
     tab = ChatTab(**c)
-    ChatCallbacks(page, tab).wire()
+    tab.callbacks = ChatCallbacks(page, tab)
+    tab.callbacks.wire()
     return tab
 
 
 # -- callbacks -------------------------------------------------------------------------------------------
+def _cleared_chat(greeting: str) -> list[dict]:
+    return [{"role": "assistant", "content": greeting}] if greeting else []
+
+
 class ChatCallbacks:
     """The chat's event handlers; each returns its outputs by name (see `Named`)."""
 
     def __init__(self, page: Page, tab: ChatTab):
-        self.page, self.engine, self.tab = page, page.engine, tab
-        self.greeting = page.persona.greeting
+        self.page, self.tab = page, tab
         self.controls = tab.controls()
         self.out = Named(
             chatbot=tab.chatbot,
@@ -257,25 +267,37 @@ class ChatCallbacks:
         self.switched = Named(
             model_status=tab.model_status, header=page.header, context_mode=tab.context_mode
         )
+        # what a persona switch sets: the conversation cleared, that persona's defaults and model
+        self.persona_view = Named(
+            **{n: getattr(tab, n) for n in self.out.names},
+            mode=tab.mode,
+            threshold=tab.threshold,
+            k=tab.k,
+            context_mode=tab.context_mode,
+            model_box=tab.model_box,
+            model_status=tab.model_status,
+        )
 
-    def _submit(self, message, turns: list[dict], controls: Controls) -> tuple[str, Job]:
+    def _submit(self, engine: Engine, message, turns: list[dict], controls: Controls) -> tuple[str, Job]:
         text = check_user_turn(message or "")
         if len(turns) >= MAX_STORED_TURNS:
             raise RagPersonaError(
                 f"conversation: {len(turns)} exchanges, the limit is {MAX_STORED_TURNS}; press Clear"
             )
-        return text, self.engine.submit(history_of(turns), text, controls.options())
+        return text, engine.submit(history_of(turns), text, controls.options())
 
-    def run_turn(self, message, turns, *ctl, unchanged=None) -> Iterator[tuple]:
+    def run_turn(self, message, turns, pid, *ctl, unchanged=None) -> Iterator[tuple]:
         """Stream one turn. A refused turn leaves the conversation as it was (`unchanged`, for a regenerate)."""
         turns = list(turns or [])
         controls = Controls(**self.controls.read(ctl))
         try:
-            text, job = self._submit(message, turns, controls)
+            engine = self.page.engine_for(pid)
+            text, job = self._submit(engine, message, turns, controls)
         except (RagPersonaError, EngineBusy) as exc:
             gr.Warning(str(exc))
             yield self.out.values(turns=turns if unchanged is None else unchanged, status=f"⚠️ {exc}")
             return
+        greeting = engine.persona.greeting
         turn = {
             "user": text,
             "assistant": "",
@@ -291,46 +313,46 @@ class ChatCallbacks:
             else ""
         )
         yield self.out.values(
-            chatbot=chat_messages(turns, self.greeting),
+            chatbot=chat_messages(turns, greeting),
             turns=turns,
             msg="",
             context=turn_context_html(turn, len(turns)),
-            prompt=rendered_prompt(self.engine, job.plan.messages),
+            prompt=rendered_prompt(engine, job.plan.messages),
             status="…" + note,
         )
-        yield from self._stream(job, turns, turn, note)
+        yield from self._stream(job, turns, turn, note, greeting)
 
-    def _stream(self, job: Job, turns: list[dict], turn: dict, note: str) -> Iterator[tuple]:
+    def _stream(self, job: Job, turns: list[dict], turn: dict, note: str, greeting: str) -> Iterator[tuple]:
         for kind, value in job.events():
             if kind == "queued" and value:
                 yield self.out.values(turns=turns, status=f"waiting for the model: {value} ahead…{note}")
             elif kind == "piece":
                 turn["assistant"] += value
-                yield self.out.values(chatbot=chat_messages(turns, self.greeting), turns=turns)
+                yield self.out.values(chatbot=chat_messages(turns, greeting), turns=turns)
             elif kind == "error":
                 turn["assistant"] = turn["assistant"] or "（応答を生成できませんでした）"
                 turn["error"] = str(value)
                 yield self.out.values(
-                    chatbot=chat_messages(turns, self.greeting), turns=turns, status=f"⚠️ {value}"
+                    chatbot=chat_messages(turns, greeting), turns=turns, status=f"⚠️ {value}"
                 )
             elif kind == "done":
                 turn["assistant"] = value.text
                 turn["info"] = reply_info(value)
                 yield self.out.values(
-                    chatbot=chat_messages(turns, self.greeting), turns=turns, status=turn["info"] + note
+                    chatbot=chat_messages(turns, greeting), turns=turns, status=turn["info"] + note
                 )
 
-    def regenerate(self, turns, *ctl) -> Iterator[tuple]:
+    def regenerate(self, turns, pid, *ctl) -> Iterator[tuple]:
         turns = list(turns or [])
         if not turns:
             gr.Warning("Nothing to regenerate yet.")
             yield self.out.values(turns=turns, status="Nothing to regenerate.")
             return
-        yield from self.run_turn(turns[-1]["user"], turns[:-1], *ctl, unchanged=turns)
+        yield from self.run_turn(turns[-1]["user"], turns[:-1], pid, *ctl, unchanged=turns)
 
-    def clear_chat(self) -> tuple:
+    def clear_chat(self, pid) -> tuple:
         return self.cleared.values(
-            chatbot=[{"role": "assistant", "content": self.greeting}] if self.greeting else [],
+            chatbot=_cleared_chat(self.page.engine_for(pid).persona.greeting),
             turns=[],
             msg="",
             context=turn_context_html(None),
@@ -338,24 +360,25 @@ class ChatCallbacks:
             status="Cleared.",
         )
 
-    def show_selected(self, turns, evt: gr.SelectData):
+    def show_selected(self, turns, pid, evt: gr.SelectData):
         turns = turns or []
+        engine = self.page.engine_for(pid)
         index = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else 0)
-        offset = 1 if self.greeting else 0
+        offset = 1 if engine.persona.greeting else 0
         number = (int(index) - offset) // 2
         if not 0 <= number < len(turns):
             return self.selected.values()
         t = turns[number]
         return self.selected.values(
-            context=turn_context_html(t, number + 1), prompt=rendered_prompt(self.engine, t["messages"])
+            context=turn_context_html(t, number + 1), prompt=rendered_prompt(engine, t["messages"])
         )
 
-    def preview(self, message, turns, mode, th, k, cmode) -> str:
+    def preview(self, message, turns, pid, mode, th, k, cmode) -> str:
         text = (message or "").strip() or (turns[-1]["user"] if turns else "")
         if not text:
             return facts_html([], PREVIEW_CAPTION, "Nothing yet.")
         try:
-            hits = self.engine.search(text, mode, float(th), int(k))
+            hits = self.page.engine_for(pid).search(text, mode, float(th), int(k))
         except RagPersonaError as exc:
             return facts_html([], f"Preview failed: {exc}", "—")
         facts = [{"id": h.fact_id, "text": h.text, "score": float(h.score)} for h in hits]
@@ -363,11 +386,34 @@ class ChatCallbacks:
         caption = f"「{text[:40]}」 · {describe_settings(shown)}"
         return facts_html(facts, caption, "No fact scores above this threshold.", elem_class="ctx preview")
 
-    def on_mode(self, mode):
-        return gr.update(value=self.page.threshold_for(mode), info=self.page.threshold_info(mode))
+    def on_mode(self, mode, pid):
+        return gr.update(value=self.page.threshold_for(mode, pid), info=self.page.threshold_info(mode, pid))
 
-    def load_model(self, name, adapter, request: gr.Request | None = None):
-        engine, page = self.engine, self.page
+    def for_persona(self, pid: str) -> dict:
+        """The tab as a new conversation with persona `pid`: its greeting, defaults, model and context mode."""
+        page, engine = self.page, self.page.engine_for(pid)
+        mode = page.default_mode(pid)
+        return self.persona_view.updates(
+            chatbot=_cleared_chat(engine.persona.greeting),
+            turns=[],
+            msg="",
+            context=turn_context_html(None),
+            prompt="",
+            preview=facts_html([], PREVIEW_CAPTION, "Nothing yet."),
+            status=f"Now chatting with {engine.persona.name}.",
+            mode=mode,
+            threshold=gr.update(value=page.threshold_for(mode, pid), info=page.threshold_info(mode, pid)),
+            k=page.default_k(pid),
+            context_mode=gr.update(
+                interactive=engine.xattn_available, value="prompt", info=_xattn_info(engine)
+            ),
+            model_box=engine.model_name or next(iter(BUNDLED)),
+            model_status=f"Loaded: `{engine.model_label()}`",
+        )
+
+    def load_model(self, name, adapter, pid, request: gr.Request | None = None):
+        page = self.page
+        engine = page.engine_for(pid)
         refused = page.refusal(request)
         if refused:  # checked here, not only by hiding the button: any client can call the event
             gr.Warning(refused)
@@ -380,11 +426,11 @@ class ChatCallbacks:
         except RagPersonaError as exc:
             gr.Warning(str(exc))
             return self.switched.values(
-                model_status=f"⚠️ {exc} (still serving `{engine.model_label()}`)", header=page.header_md()
+                model_status=f"⚠️ {exc} (still serving `{engine.model_label()}`)", header=page.header_md(pid)
             )
         return self.switched.values(
             model_status=f"Loaded: `{engine.model_label()}`",
-            header=page.header_md(),
+            header=page.header_md(pid),
             context_mode=gr.update(
                 interactive=engine.xattn_available, value="prompt", info=_xattn_info(engine)
             ),
@@ -392,28 +438,31 @@ class ChatCallbacks:
 
     # -- events ----------------------------------------------------------------------------------------------
     def wire(self) -> None:
-        tab, out = self.tab, self.out
+        tab, out, pid = self.tab, self.out, self.page.selected
         # one bound method for every preview event: Gradio groups events by function identity into one
         # concurrency group (limit 4), as one closure did before
         preview = self.preview
-        inputs = [tab.msg, tab.turns, *self.controls.components]
+        inputs = [tab.msg, tab.turns, pid, *self.controls.components]
         chat = {"concurrency_limit": 16, "concurrency_id": "chat"}
         ev_send = tab.send.click(self.run_turn, inputs, out.components, **chat)
         ev_submit = tab.msg.submit(self.run_turn, inputs, out.components, **chat)
         ev_regen = tab.regen.click(
-            self.regenerate, [tab.turns, *self.controls.components], out.components, **chat
+            self.regenerate, [tab.turns, pid, *self.controls.components], out.components, **chat
         )
-        turns_events = [ev_send, ev_submit, ev_regen]
-        preview_inputs = [tab.msg, tab.turns, tab.mode, tab.threshold, tab.k, tab.context_mode]
-        for ev in turns_events:
+        tab.turn_events = [ev_send, ev_submit, ev_regen]
+        preview_inputs = [tab.msg, tab.turns, pid, tab.mode, tab.threshold, tab.k, tab.context_mode]
+        for ev in tab.turn_events:
             ev.then(preview, preview_inputs, tab.preview)
-        tab.stop.click(None, None, None, cancels=turns_events)
-        tab.clear.click(self.clear_chat, None, self.cleared.components, cancels=turns_events)
-        tab.chatbot.select(self.show_selected, [tab.turns], self.selected.components)
+        tab.stop.click(None, None, None, cancels=tab.turn_events)
+        tab.clear.click(self.clear_chat, pid, self.cleared.components, cancels=tab.turn_events)
+        tab.chatbot.select(self.show_selected, [tab.turns, pid], self.selected.components)
         # a user's switch of mode resets the threshold to that mode's tuned one
-        tab.mode.input(self.on_mode, tab.mode, tab.threshold)
+        tab.mode.input(self.on_mode, [tab.mode, pid], tab.threshold)
         for ctl in (tab.threshold, tab.k, tab.mode):
             ctl.change(preview, preview_inputs, tab.preview, concurrency_limit=4, trigger_mode="always_last")
         tab.load_btn.click(
-            self.load_model, [tab.model_box, tab.adapter_box], self.switched.components, concurrency_limit=1
+            self.load_model,
+            [tab.model_box, tab.adapter_box, pid],
+            self.switched.components,
+            concurrency_limit=1,
         )

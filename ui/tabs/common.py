@@ -1,4 +1,4 @@
-"""What the page's tabs share: the page state (engine, header, per-mode defaults), HTML renderers, named outputs."""
+"""What the tabs share: the page state (personas, header, per-mode defaults), HTML renderers, named outputs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import gradio as gr
 from rag_persona.generation.backend import timing_line
 
 from ..access import Access
-from ..engine import RETRIEVAL_MODES, Engine
+from ..engine import RETRIEVAL_MODES, Engine, Personas
 
 CONTEXT_LABELS = {"prompt": "prompt", "xattn": "cross-attention"}
 
@@ -24,7 +24,7 @@ class Named:
 
     `components` is the inputs/outputs list; `values(**named)` is a callback's return value in that order
     (a name left out is left unchanged: `gr.update()`); `read(args)` turns the positional inputs back
-    into a name → value dict.
+    into a name → value dict; `updates(**named)` is the component → value dict Gradio also takes.
     """
 
     def __init__(self, **components):
@@ -40,46 +40,74 @@ class Named:
     def read(self, args) -> dict:
         return dict(zip(self.names, args, strict=True))
 
+    def updates(self, **named) -> dict:
+        """A callback's return value as component → value, for outputs given as a set (the rest unchanged)."""
+        unknown = set(named) - set(self.names)
+        if unknown:
+            raise TypeError(f"not among the outputs: {', '.join(sorted(unknown))}")
+        return {self.components[self.names.index(n)]: v for n, v in named.items()}
+
 
 # -- the page ------------------------------------------------------------------------------------------------
 @dataclass
 class Page:
-    """The engine behind the page, the header every tab refreshes, the retrieval defaults per mode, and who
-    may administer (the admin controls registered here are shown to administrators only, on page load)."""
+    """The personas behind the page, the header every tab refreshes, the retrieval defaults per persona and
+    mode, and who may administer (the admin controls registered here are shown to administrators only, on
+    page load).
 
-    engine: Engine
+    Each browser session's persona is the id in `selected` (a gr.State, the default persona until the
+    session picks another); callbacks take it as an input and use `engine_for(pid)`, so one session's
+    choice never reaches another's.
+    """
+
+    personas: Personas
     access: Access = field(default_factory=Access)
-    mode_defaults: dict = field(default_factory=dict)
+    mode_defaults: dict = field(default_factory=dict)  # persona id → mode → defaults
     header: Any = None  # the gr.Markdown, created inside the Blocks
+    selected: Any = None  # the gr.State holding the session's persona id
     role_controls: list = field(default_factory=list)  # (component, "hide" | "lock" | "notice")
 
     def __post_init__(self) -> None:
-        self.initial = self.engine.defaults()
+        self.personas = Personas.of(self.personas)
+        self.initial = {pid: e.defaults() for pid, e in self.personas.engines.items()}
         self.refresh_defaults()
+
+    @property
+    def engine(self) -> Engine:
+        """The default persona's engine: what a new session sees."""
+        return self.personas.default
 
     @property
     def persona(self):
         return self.engine.persona
 
-    @property
-    def default_mode(self) -> str:
-        mode = self.initial.get("mode")
+    def engine_for(self, pid: str | None) -> Engine:
+        """The engine of the session's persona (None: the default)."""
+        return self.personas.get(pid)
+
+    def _pid(self, pid: str | None) -> str:
+        return self.engine_for(pid).persona.id
+
+    def default_mode(self, pid: str | None = None) -> str:
+        mode = self.initial[self._pid(pid)].get("mode")
         return mode if mode in RETRIEVAL_MODES else "dense"
 
-    @property
-    def default_k(self) -> int:
-        return int(self.initial.get("k") or 5)
+    def default_k(self, pid: str | None = None) -> int:
+        return int(self.initial[self._pid(pid)].get("k") or 5)
 
-    def refresh_defaults(self, mode: str | None = None) -> None:
-        """Re-read the index's defaults (all modes, or one after its threshold was saved)."""
-        for m in RETRIEVAL_MODES if mode is None else (mode,):
-            self.mode_defaults[m] = self.engine.defaults(m)
+    def refresh_defaults(self, mode: str | None = None, pid: str | None = None) -> None:
+        """Re-read the indexes' defaults (every persona and mode, or one mode after its threshold was saved)."""
+        engines = self.personas.engines if pid is None else {self._pid(pid): self.engine_for(pid)}
+        for key, engine in engines.items():
+            defaults = self.mode_defaults.setdefault(key, {})
+            for m in RETRIEVAL_MODES if mode is None else (mode,):
+                defaults[m] = engine.defaults(m)
 
-    def threshold_for(self, mode: str) -> float:
-        return round(float(self.mode_defaults[mode]["threshold"]), 4)
+    def threshold_for(self, mode: str, pid: str | None = None) -> float:
+        return round(float(self.mode_defaults[self._pid(pid)][mode]["threshold"]), 4)
 
-    def threshold_info(self, mode: str) -> str:
-        d = self.mode_defaults[mode]
+    def threshold_info(self, mode: str, pid: str | None = None) -> str:
+        d = self.mode_defaults[self._pid(pid)][mode]
         source = {"tuned": "tuned on this index", "default": "library default, not tuned here"}.get(
             d.get("threshold_source"), d.get("threshold_source") or "index"
         )
@@ -118,9 +146,9 @@ class Page:
                 updates.append(gr.update(**{"visible" if how == "hide" else "interactive": not refused}))
         return updates
 
-    def header_md(self) -> str:
-        engine, persona = self.engine, self.persona
-        info = engine.info()
+    def header_md(self, pid: str | None = None) -> str:
+        engine = self.engine_for(pid)
+        persona, info = engine.persona, engine.info()
         adapter = f" + adapter `{Path(info['adapter']).name}`" if info.get("adapter") else ""
         return (
             f"## {persona.name}（{persona.reading}）とおしゃべり\n"

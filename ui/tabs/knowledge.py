@@ -1,4 +1,4 @@
-"""The Knowledge tab: search the facts (text match or retrieval) and add, update or delete them."""
+"""The Knowledge tab: search the session persona's facts (text match or retrieval); add, update, delete them."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ class KnowledgeTab:
     form: Named  # id, text, questions, tags
     buttons: dict  # action → button
     status: Any
+    callbacks: Any = None  # the KnowledgeCallbacks wired to it
+
+    def form_fields(self) -> dict:
+        return dict(zip(self.form.names, self.form.components, strict=True))
 
 
 def fact_rows(engine: Engine, query: str, how: str) -> list[list]:
@@ -101,7 +105,8 @@ def build(page: Page) -> KnowledgeTab:
     tab = KnowledgeTab(
         query=query, how=how, search=search, table=table, form=form, buttons=buttons, status=status
     )
-    KnowledgeCallbacks(page, tab).wire()
+    tab.callbacks = KnowledgeCallbacks(page, tab)
+    tab.callbacks.wire()
     return tab
 
 
@@ -109,26 +114,29 @@ class KnowledgeCallbacks:
     """Search, select-to-edit and the three edits; every edit refreshes the table and the page header."""
 
     def __init__(self, page: Page, tab: KnowledgeTab):
-        self.page, self.engine, self.tab = page, page.engine, tab
+        self.page, self.tab = page, tab
         self.edited = Named(status=tab.status, table=tab.table, header=page.header)
+        # what a persona switch sets: that persona's facts, an empty search and form
+        self.persona_view = Named(query=tab.query, table=tab.table, status=tab.status, **tab.form_fields())
 
     # the method names are the page's Gradio API names (kept as they were)
-    def kb_search_fn(self, query, how):
-        return fact_rows(self.engine, query, how)
+    def kb_search_fn(self, query, how, pid):
+        return fact_rows(self.page.engine_for(pid), query, how)
 
-    def kb_select(self, table, evt: gr.SelectData):
+    def kb_select(self, table, pid, evt: gr.SelectData):
         row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
         try:
             fid = table.iloc[int(row)]["id"] if hasattr(table, "iloc") else table[int(row)][0]
-            fact = self.engine.store.fact(fid)
+            fact = self.page.engine_for(pid).store.fact(fid)
         except (RagPersonaError, IndexError, KeyError, ValueError):
             return self.tab.form.values()
         return self.tab.form.values(
             id=fact.id, text=fact.text, questions="\n".join(fact.questions), tags=", ".join(fact.tags)
         )
 
-    def kb_edit(self, action, fid, text, questions, tags, query, how, request: gr.Request | None = None):
-        engine, page = self.engine, self.page
+    def kb_edit(self, action, fid, text, questions, tags, query, how, pid, request: gr.Request | None = None):
+        page = self.page
+        engine = page.engine_for(pid)
         refused = page.refusal(request)
         if refused:  # checked here, not only by hiding the buttons: any client can call the event
             gr.Warning(refused)
@@ -148,18 +156,24 @@ class KnowledgeCallbacks:
                 done = f"{'Added' if action == 'add' else 'Updated'} `{fid}`; the index has {len(engine.store)} facts."
         except RagPersonaError as exc:
             gr.Warning(str(exc))
-            return self.edited.values(status=f"⚠️ Refused: {exc}", header=page.header_md())
+            return self.edited.values(status=f"⚠️ Refused: {exc}", header=page.header_md(pid))
         return self.edited.values(
-            status=f"✅ {done}", table=fact_rows(engine, query, how), header=page.header_md()
+            status=f"✅ {done}", table=fact_rows(engine, query, how), header=page.header_md(pid)
         )
 
+    def for_persona(self, pid: str) -> dict:
+        """The tab for persona `pid`: all its facts, the search and the edit form emptied."""
+        blank = dict.fromkeys(self.tab.form.names, "")
+        rows = fact_rows(self.page.engine_for(pid), "", "text match")
+        return self.persona_view.updates(query="", table=rows, status="", **blank)
+
     def wire(self) -> None:
-        tab = self.tab
+        tab, pid = self.tab, self.page.selected
         search = self.kb_search_fn  # one object: both events share its concurrency group, as before
-        tab.search.click(search, [tab.query, tab.how], tab.table)
-        tab.query.submit(search, [tab.query, tab.how], tab.table)
-        tab.table.select(self.kb_select, [tab.table], tab.form.components)
-        inputs = [*tab.form.components, tab.query, tab.how]
+        tab.search.click(search, [tab.query, tab.how, pid], tab.table)
+        tab.query.submit(search, [tab.query, tab.how, pid], tab.table)
+        tab.table.select(self.kb_select, [tab.table, pid], tab.form.components)
+        inputs = [*tab.form.components, tab.query, tab.how, pid]
         for action, button in tab.buttons.items():
             button.click(
                 self.edit_for(action),
@@ -172,8 +186,8 @@ class KnowledgeCallbacks:
     def edit_for(self, action: str):
         """The click handler of one edit button (Gradio hands the signed-in user in as gr.Request)."""
 
-        def edit(fid, text, questions, tags, query, how, request: gr.Request):
-            return self.kb_edit(action, fid, text, questions, tags, query, how, request)
+        def edit(fid, text, questions, tags, query, how, pid, request: gr.Request):
+            return self.kb_edit(action, fid, text, questions, tags, query, how, pid, request)
 
         edit.__name__ = edit.__qualname__ = f"kb_{action}"  # the page's API name: /kb_add, /kb_update, ...
         return edit

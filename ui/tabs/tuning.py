@@ -1,4 +1,5 @@
-"""The Threshold tuning tab: sweep thresholds over labelled queries, then use or save the F1-best one."""
+"""The Threshold tuning tab: sweep thresholds over the session persona's labelled queries, then use or save the
+F1-best one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import gradio as gr
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge.facts import load_queries
+from rag_persona.prompts import Persona
 from rag_persona.retrieval.tuning import plot_sweep, sweep
 from rag_persona.settings import get_settings
 
@@ -36,15 +38,20 @@ def tune(engine: Engine, queries_path: str | Path, mode: str, k: int, *, candida
     return result, out
 
 
-def persona_folder(page: Page) -> Path:
-    """knowledge/<persona>/: the only server folder whose query files the tab may read."""
-    return get_settings().persona_dir(page.persona.id)
+def persona_folder(persona: Persona) -> Path:
+    """The persona's folder (knowledge/<id>/ or the one it was served from): the only server folder whose
+    query files the tab may read for it."""
+    return Path(persona.folder) if persona.folder else get_settings().persona_dir(persona.id)
 
 
-def default_queries_path(page: Page) -> str:
+def default_queries_path(persona: Persona) -> str:
     """The persona's dev queries (relative to its folder) when they exist, else empty."""
-    candidate = persona_folder(page) / "queries" / "dev.jsonl"
+    candidate = persona_folder(persona) / "queries" / "dev.jsonl"
     return "queries/dev.jsonl" if candidate.exists() else ""
+
+
+def path_label(folder: Path) -> str:
+    return f"Labelled queries (path under knowledge/{folder.name}/)"
 
 
 def shown_path(path: str | Path, folder: Path) -> str:
@@ -103,11 +110,14 @@ def result_markdown(result, mode: str, src) -> str:
     )
 
 
-def build(page: Page, chat: ChatTab, default_queries: str | None = None) -> None:
-    """The tab and its events; "Use in this chat" sets the chat tab's mode and threshold (administrators only)."""
-    folder = persona_folder(page)
+def build(page: Page, chat: ChatTab, default_queries: str | None = None) -> TuningCallbacks:
+    """The tab and its events; "Use in this chat" sets the chat tab's mode and threshold (administrators only).
+
+    `default_queries` is the default persona's; any other persona's is its own queries/dev.jsonl.
+    """
+    folder = persona_folder(page.persona)
     default_queries = (
-        default_queries_path(page) if default_queries is None else shown_path(default_queries, folder)
+        default_queries_path(page.persona) if default_queries is None else shown_path(default_queries, folder)
     )
     with gr.Tab("Threshold tuning", id="tuning-tab"):
         gr.Markdown(INTRO)
@@ -116,14 +126,14 @@ def build(page: Page, chat: ChatTab, default_queries: str | None = None) -> None
             path = page.admin_only(
                 gr.Textbox,
                 default_queries,
-                label=f"Labelled queries (path under knowledge/{folder.name}/)",
+                label=path_label(folder),
                 scale=3,
                 elem_id="tune-path",
             )
             upload = page.admin_only(gr.File, label="…or upload a JSONL", file_types=[".jsonl"], scale=2)
         with gr.Row():
-            mode = gr.Radio(list(RETRIEVAL_MODES), value=page.default_mode, label="Retrieval mode")
-            k = gr.Slider(1, 20, value=page.default_k, step=1, label="k")
+            mode = gr.Radio(list(RETRIEVAL_MODES), value=page.default_mode(), label="Retrieval mode")
+            k = gr.Slider(1, 20, value=page.default_k(), step=1, label="k")
             run = page.admin_only(gr.Button, "Run tuning", variant="primary", elem_id="tune-run")
         result = gr.Markdown("", elem_id="tune-result")
         plot = gr.Image(
@@ -133,28 +143,48 @@ def build(page: Page, chat: ChatTab, default_queries: str | None = None) -> None
         with gr.Row():
             use = page.admin_only(gr.Button, "Use in this chat")
             save = page.admin_only(gr.Button, "Save to the index (default for everyone)", elem_id="tune-save")
-    callbacks = TuningCallbacks(page, Named(result=result, plot=plot, state=state))
+    callbacks = TuningCallbacks(
+        page,
+        Named(result=result, plot=plot, state=state),
+        Named(path=path, upload=upload, mode=mode, k=k, result=result, plot=plot, state=state),
+    )
     run.click(
         callbacks.run_tuning,
-        [path, upload, mode, k],
+        [path, upload, mode, k, page.selected],
         callbacks.out.components,
         concurrency_limit=1,
         concurrency_id="tune",
     )
     use.click(callbacks.use_tuned, state, [chat.mode, chat.threshold])
     save.click(callbacks.save_tuned, state, result)
+    return callbacks
 
 
 class TuningCallbacks:
-    """Run a sweep; its choice ({mode, threshold, info}) waits in a gr.State until used or saved.
+    """Run a sweep; its choice ({mode, threshold, info, persona}) waits in a gr.State until used or saved.
 
     Running and saving are administration: refused (and nothing read or changed) for anyone else.
     """
 
-    def __init__(self, page: Page, out: Named):
-        self.page, self.engine, self.out = page, page.engine, out
+    def __init__(self, page: Page, out: Named, persona_view: Named):
+        self.page, self.out = page, out
+        self.persona_view = persona_view  # what a persona switch sets
 
-    def query_file(self, path, upload) -> tuple[Path, str]:
+    def for_persona(self, pid: str) -> dict:
+        """The tab for persona `pid`: its dev queries and retrieval defaults, no result."""
+        persona = self.page.engine_for(pid).persona
+        folder = persona_folder(persona)
+        return self.persona_view.updates(
+            path=gr.update(value=default_queries_path(persona), label=path_label(folder)),
+            upload=None,
+            mode=self.page.default_mode(pid),
+            k=self.page.default_k(pid),
+            result="",
+            plot=None,
+            state=None,
+        )
+
+    def query_file(self, path, upload, persona: Persona) -> tuple[Path, str]:
         """(file to read, its name in messages): an upload, else a path under the persona's folder."""
         if upload:
             file = uploaded(upload, Path(gr.utils.get_upload_folder()))
@@ -162,19 +192,20 @@ class TuningCallbacks:
         text = (path or "").strip()
         if not text:
             raise RagPersonaError("tuning: give a labelled query file (path or upload)")
-        folder = persona_folder(self.page)
+        folder = persona_folder(persona)
         file = queries_under(text, folder)
         return file, f"knowledge/{folder.name}/{file.relative_to(folder.resolve())}"
 
-    def run_tuning(self, path, upload, mode, k, request: gr.Request, progress=gr.Progress()):
+    def run_tuning(self, path, upload, mode, k, pid, request: gr.Request, progress=gr.Progress()):
         refused = self.page.refusal(request)
         if refused:
             gr.Warning(refused)
             return self.out.values(result=f"⚠️ {refused}", plot=None, state=None)
         file, shown = None, ""
+        engine = self.page.engine_for(pid)
         try:
-            file, shown = self.query_file(path, upload)
-            result, plot = tune(self.engine, file, mode, int(k), progress=progress)
+            file, shown = self.query_file(path, upload, engine.persona)
+            result, plot = tune(engine, file, mode, int(k), progress=progress)
         except RagPersonaError as exc:
             message = scrubbed(str(exc), file, shown) if file is not None else str(exc)
             gr.Warning(message)
@@ -183,7 +214,12 @@ class TuningCallbacks:
             message = f"tuning: {shown or 'the query file'}: could not be used ({type(exc).__name__})"
             gr.Warning(message)
             return self.out.values(result=f"⚠️ {message}", plot=None, state=None)
-        chosen = {"mode": mode, "threshold": result.chosen, "info": {**result.to_dict(), "queries": shown}}
+        chosen = {
+            "mode": mode,
+            "threshold": result.chosen,
+            "info": {**result.to_dict(), "queries": shown},
+            "persona": engine.persona.id,  # a save goes to the index it was tuned on
+        }
         return self.out.values(result=result_markdown(result, mode, shown), plot=str(plot), state=chosen)
 
     def use_tuned(self, state):
@@ -201,9 +237,10 @@ class TuningCallbacks:
             gr.Warning("Run the tuning first.")
             return gr.update()
         try:
-            self.engine.set_threshold(state["mode"], state["threshold"], state["info"])
-            self.page.refresh_defaults(state["mode"])
+            engine = self.page.engine_for(state.get("persona"))
+            engine.set_threshold(state["mode"], state["threshold"], state["info"])
+            self.page.refresh_defaults(state["mode"], engine.persona.id)
         except RagPersonaError as exc:
             gr.Warning(str(exc))
             return f"⚠️ {exc}"
-        return f"Saved threshold {state['threshold']:.4f} for {state['mode']} retrieval to `{self.engine.store.path}`."
+        return f"Saved threshold {state['threshold']:.4f} for {state['mode']} retrieval to `{engine.store.path}`."
