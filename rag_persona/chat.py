@@ -29,21 +29,31 @@ def _as_context(hits) -> list[ContextFact]:
     return [ContextFact(id=h.fact_id, text=h.text, score=float(h.score)) for h in hits]
 
 
-def retrieve_context(retriever: SearchesFacts | None, user_turn: str) -> list[ContextFact]:
-    """Retrieval exactly as every caller (chat, evaluation, data building) runs it."""
+def retrieve_context(
+    retriever: SearchesFacts | None, user_turn: str, history: Sequence[dict] = ()
+) -> list[ContextFact]:
+    """Retrieval exactly as every caller (chat, API, evaluation, data building) runs it: the user turn read
+    with the conversation before it (`Retriever.search_turn`) when the retriever can."""
     if retriever is None:
         return []
+    if hasattr(retriever, "search_turn"):
+        return _as_context(retriever.search_turn(user_turn.strip(), history))
     return _as_context(retriever.search(user_turn.strip()))
 
 
-def retrieve_contexts(retriever: SearchesFacts | None, user_turns: Sequence[str]) -> list[list[ContextFact]]:
+def retrieve_contexts(
+    retriever: SearchesFacts | None,
+    user_turns: Sequence[str],
+    histories: Sequence[Sequence[dict]] | None = None,
+) -> list[list[ContextFact]]:
     """The same retrieval for many turns at once (one batched embedding call when the retriever has it)."""
     if retriever is None:
         return [[] for _ in user_turns]
     turns = [t.strip() for t in user_turns]
+    histories = list(histories) if histories is not None else [()] * len(turns)
     if hasattr(retriever, "search_many"):
-        return [_as_context(hits) for hits in retriever.search_many(turns)]
-    return [_as_context(retriever.search(t)) for t in turns]
+        return [_as_context(hits) for hits in retriever.search_many(turns, histories=histories)]
+    return [retrieve_context(retriever, t, h) for t, h in zip(turns, histories, strict=True)]
 
 
 def plan_turn(
@@ -55,7 +65,7 @@ def plan_turn(
     include_context: bool = True,
 ) -> TurnPlan:
     started = time.perf_counter()
-    context = retrieve_context(retriever, user_turn)
+    context = retrieve_context(retriever, user_turn, history)
     retrieval_ms = round((time.perf_counter() - started) * 1000, 2)
     messages = build_messages(persona, context, history, user_turn, include_context=include_context)
     return TurnPlan(messages=messages, context=context, retrieval_ms=retrieval_ms)

@@ -18,6 +18,13 @@ ModeOpt = Annotated[
     str | None, typer.Option("--mode", help="dense | lexical | hybrid (default: the index's).")
 ]
 KOpt = Annotated[int | None, typer.Option("--k")]
+ConversationOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--conversation",
+        help="How a turn is read with its history: last | carry | concat (default) | concat_reply.",
+    ),
+]
 
 
 @app.command("index")
@@ -95,15 +102,17 @@ def eval_retrieval(
     threshold: Annotated[float | None, typer.Option("--threshold")] = None,
     k: KOpt = None,
     mode: ModeOpt = None,
+    conversation: ConversationOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Precision, recall, F1, top-1 hit rate and off-topic rejection on labelled queries."""
+    """Precision, recall, F1, top-1 hit rate and off-topic rejection on labelled queries (multi-turn
+    sets: each query read with its "history")."""
     from rag_persona.retrieval.retriever import retriever_for
     from rag_persona.retrieval.tuning import check_labels, evaluate_retriever
 
     store, labelled = _index_and_queries(index, queries, persona)
     check_labels(store, labelled)
-    retriever = retriever_for(store, mode=mode, threshold=threshold, k=k)
+    retriever = retriever_for(store, mode=mode, threshold=threshold, k=k, conversation=conversation)
     result = evaluate_retriever(retriever, labelled).to_dict()
     result.update(mode=retriever.mode, k=retriever.k, threshold_source=retriever.threshold_source)
     if as_json:

@@ -88,6 +88,7 @@ class LabelledQuery:
     source: str | None = None
     line: int | None = None
     extra: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # earlier {"role", "content"} turns (multi-turn sets)
 
 
 def _where(path: Path, line: int | None) -> str:
@@ -208,6 +209,21 @@ def load_knowledge(path: str | Path) -> KnowledgeBase:
     return KnowledgeBase(facts=facts, path=path, files=files)
 
 
+def _history(path: Path, line: int, obj: dict) -> list[dict]:
+    """A labelled query's optional "history": earlier turns as [{"role": "user"|"assistant", "content"}]."""
+    value = obj.get("history")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(path, line, "history", f"expected a list of messages, got {type(value).__name__}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise _bad(path, line, f"history[{i}].role", "expected 'user' or 'assistant'")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise _bad(path, line, f"history[{i}].content", "missing or empty")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
 def load_queries(path: str | Path, known_ids: Iterable[str] | None = None) -> list[LabelledQuery]:
     """Load labelled queries ``{"query": ..., "relevant": [ids]}``; unknown ids are refused if known_ids given."""
     path = Path(path)
@@ -228,8 +244,8 @@ def load_queries(path: str | Path, known_ids: Iterable[str] | None = None) -> li
             if known is not None and rid not in known:
                 raise _bad(path, line, f"relevant[{i}]", f"unknown fact id {rid!r}")
             ids.append(rid)
-        extra = {k: v for k, v in obj.items() if k not in ("query", "relevant")}
-        out.append(LabelledQuery(query.strip(), ids, str(path), line, extra))
+        extra = {k: v for k, v in obj.items() if k not in ("query", "relevant", "history")}
+        out.append(LabelledQuery(query.strip(), ids, str(path), line, extra, _history(path, line, obj)))
     if not out:
         raise RagPersonaError(f"{path}: no queries")
     return out

@@ -52,6 +52,39 @@ EXACT_LIMIT = 20_000
 # matches; a fact marked "constant" is in every context, outside k, as a constant World Info entry is.
 KEYWORD_SCORE = 0.9
 CONSTANT_SCORE = 1.0
+# Conversation-aware retrieval (a follow-up such as 「いつから？」 names no topic): the turn is also searched
+# with a context query built from the previous exchange, and a fact's score becomes the weighted geometric
+# mean of its own and its context score when that is higher (max(s, s^(1-w)·s_ctx^w)), so the context
+# raises only facts the turn itself gives some support: "last" searches the last user turn alone; "carry"
+# uses the previous user turn as context; "concat" the previous user turn followed by this one;
+# "concat_reply" also the persona's reply between them. Measured on the dev multi-turn sets at the default
+# threshold: concat with w 0.5 kept F1 (ojousama 0.49 → 0.49, kansai 0.46 → 0.48) and raised follow-up
+# top-1 (0.636 → 0.649, 0.643 → 0.714); an additive lift or a max() with the context score found more
+# follow-ups but carried the previous topic into off-topic turns (rejection 0.37 → 0.13) and lowered F1.
+CONVERSATION_MODES = ("last", "carry", "concat", "concat_reply")
+DEFAULT_CONVERSATION = "concat"
+DEFAULT_CONTEXT_WEIGHT = 0.5
+
+
+def context_query(
+    history: Sequence[dict], user_turn: str, conversation: str = DEFAULT_CONVERSATION
+) -> str | None:
+    """The context query for a turn from the conversation before it, or None (no history, or "last")."""
+    if conversation == "last":
+        return None
+    turns = [
+        m for m in history if m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+    ]
+    users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+    if not users:
+        return None
+    prev_user = turns[users[-1]]["content"].strip()
+    if conversation == "carry":
+        return prev_user or None
+    reply = ""
+    if conversation == "concat_reply":
+        reply = " ".join(m["content"].strip() for m in turns[users[-1] + 1 :] if m["role"] == "assistant")
+    return " ".join(t for t in (prev_user, reply, user_turn.strip()) if t) or None
 
 
 # -- configuration and results --------------------------------------------------------------------
@@ -64,12 +97,18 @@ class RetrievalConfig:
     k: int = DEFAULT_K
     use_questions: bool = True
     candidates: int = 256
+    conversation: str = DEFAULT_CONVERSATION
+    context_weight: float = DEFAULT_CONTEXT_WEIGHT
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RagPersonaError(f"retrieval: field 'mode': {self.mode!r} is not one of {', '.join(MODES)}")
         if int(self.k) < 1:
             raise RagPersonaError(f"retrieval: field 'k': must be at least 1, got {self.k}")
+        if self.conversation not in CONVERSATION_MODES:
+            raise RagPersonaError(
+                f"retrieval: field 'conversation': {self.conversation!r} is not one of {', '.join(CONVERSATION_MODES)}"
+            )
         if self.threshold is not None and not math.isfinite(float(self.threshold)):
             raise RagPersonaError(f"retrieval: field 'threshold': not a number ({self.threshold})")
 
@@ -144,15 +183,31 @@ class Retriever:
         """Facts scoring at least the threshold, best first, at most k."""
         return self.search_many([query], threshold=threshold, k=k)[0]
 
+    def search_turn(
+        self,
+        user_turn: str,
+        history: Sequence[dict] = (),
+        *,
+        threshold: float | None = None,
+        k: int | None = None,
+    ) -> list[Hit]:
+        """Facts for a chat turn: the user turn read in the light of the conversation before it."""
+        return self.search_many([user_turn], threshold=threshold, k=k, histories=[history])[0]
+
     def search_many(
-        self, queries: Sequence[str], *, threshold: float | None = None, k: int | None = None
+        self,
+        queries: Sequence[str],
+        *,
+        threshold: float | None = None,
+        k: int | None = None,
+        histories: Sequence[Sequence[dict]] | None = None,
     ) -> list[list[Hit]]:
         t = self.threshold if threshold is None else float(threshold)
         k = self.k if k is None else int(k)
         out = []
-        for query, cands in zip(queries, self.candidates(queries), strict=True):
+        for scored in self._turn_scores(queries, histories):
             hits = []
-            for fact_index, score, cos, lexical in self._scored(query, cands)[:k]:
+            for fact_index, score, cos, lexical in scored[:k]:
                 if score < t:
                     break
                 fact = self.store.facts[fact_index]
@@ -186,20 +241,57 @@ class Retriever:
         ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])  # stable: ties keep candidate order
         return [(i, score, cos, lexical) for i, (score, cos, lexical) in ranked]
 
-    def rank(self, queries: Sequence[str], depth: int | None = None) -> list[list[tuple[int, float]]]:
+    def _turn_scores(
+        self, queries: Sequence[str], histories: Sequence[Sequence[dict]] | None = None
+    ) -> list[list[tuple[int, float, float | None, float]]]:
+        """`_scored` per query; with histories, raised toward the context query's scores (see
+        CONVERSATION_MODES; all queries of the batch, context ones included, embedded in one call)."""
+        queries = list(queries)
+        histories = list(histories) if histories is not None else [()] * len(queries)
+        if len(histories) != len(queries):
+            raise RagPersonaError("search: one history per query expected")
+        contexts = [
+            context_query(h, q, self.config.conversation) for q, h in zip(queries, histories, strict=True)
+        ]
+        extra = [c for c in contexts if c]
+        batch = queries + extra
+        scored = [self._scored(q, c) for q, c in zip(batch, self.candidates(batch), strict=True)]
+        out, j = [], len(queries)
+        for i, ctx in enumerate(contexts):
+            if not ctx:
+                out.append(scored[i])
+                continue
+            merged = {f: (s, cos, lex) for f, s, cos, lex in scored[i]}
+            w = self.config.context_weight
+            for f, s_ctx, _, _ in scored[j]:
+                if f in merged and s_ctx > 0:
+                    s, cos, lex = merged[f]
+                    merged[f] = (max(s, max(s, 0.0) ** (1 - w) * s_ctx**w), cos, lex)
+            j += 1
+            ranked = sorted(merged.items(), key=lambda kv: -kv[1][0])
+            out.append([(f, s, cos, lex) for f, (s, cos, lex) in ranked])
+        return out
+
+    def rank(
+        self,
+        queries: Sequence[str],
+        depth: int | None = None,
+        histories: Sequence[Sequence[dict]] | None = None,
+    ) -> list[list[tuple[int, float]]]:
         """Per query, (fact index, calibrated score) for candidate facts, best first, no threshold."""
         rankings = []
-        for query, cands in zip(queries, self.candidates(queries), strict=True):
-            scored = self._scored(query, cands)
+        for scored in self._turn_scores(queries, histories):
             if depth is not None:
                 scored = scored[:depth]
             rankings.append([(i, score) for i, score, _, _ in scored])
         return rankings
 
-    def rankings(self, queries: Sequence[str], depth: int = 20) -> list[list[tuple[str, float]]]:
+    def rankings(
+        self, queries: Sequence[str], depth: int = 20, histories: Sequence[Sequence[dict]] | None = None
+    ) -> list[list[tuple[str, float]]]:
         """Per query, (fact id, score) best first: the input of threshold sweeps."""
         ids = self.store.ids
-        return [[(ids[f], s) for f, s in r] for r in self.rank(queries, depth)]
+        return [[(ids[f], s) for f, s in r] for r in self.rank(queries, depth, histories)]
 
     def score(self, cands: Candidates) -> np.ndarray:
         """Calibrated scores for one query's candidates."""
@@ -298,7 +390,11 @@ class Retriever:
 
 
 def retriever_for(
-    store: FactStore, mode: str | None = None, threshold: float | None = None, k: int | None = None
+    store: FactStore,
+    mode: str | None = None,
+    threshold: float | None = None,
+    k: int | None = None,
+    conversation: str | None = None,
 ) -> Retriever:
     """A retriever with the index's defaults (stored mode and k, tuned threshold) unless overridden."""
     stored = store.manifest.get("retrieval") or {}
@@ -306,6 +402,7 @@ def retriever_for(
         mode=mode or stored.get("mode") or DEFAULT_MODE,
         threshold=threshold,
         k=int(k or stored.get("k") or DEFAULT_K),
+        conversation=conversation or DEFAULT_CONVERSATION,
     )
     return Retriever(store, config)
 

@@ -231,8 +231,13 @@ def evaluate_retriever(
     """Metrics of a retriever (its own threshold and k unless given) on labelled queries."""
     t = retriever.threshold if threshold is None else float(threshold)
     k = retriever.k if k is None else int(k)
-    rankings = retriever.rankings([q.query for q in queries], depth=max(k, 1))
+    rankings = query_rankings(retriever, queries, max(k, 1))
     return metrics_at(queries, rankings, t, k)
+
+
+def query_rankings(retriever, queries: Sequence[LabelledQuery], depth: int) -> list[Ranking]:
+    """Rankings for labelled queries, each read with its conversation history (multi-turn sets)."""
+    return retriever.rankings([q.query for q in queries], depth=depth, histories=[q.history for q in queries])
 
 
 def tune_threshold(
@@ -248,7 +253,7 @@ def tune_threshold(
     """Sweep thresholds for an index on labelled queries, store the chosen one in its manifest."""
     retriever = retriever_for(store, mode=mode, k=k)
     check_labels(store, queries)
-    rankings = retriever.rankings([q.query for q in queries], depth=max(retriever.k, 1))
+    rankings = query_rankings(retriever, queries, max(retriever.k, 1))
     result = sweep(queries, rankings, k=retriever.k)
     if plot is not None:
         name = Path(store.path).name if store.path else "index"

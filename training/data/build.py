@@ -140,14 +140,12 @@ def build_datasets(config: DataConfig, teacher=None) -> dict:
             is_held_out,
         )
         kept = kept + generated
-    users = sorted({t.user for c in kept for t in c.turns})
-    cache = dict(zip(users, retrieve_contexts(retriever, users), strict=True))
+    cache = _turn_contexts(retriever, kept)
     asked = []
     if config.fact_questions:
         # Retrieved in a batch of their own: the dialogue rows stay byte-identical to a build without them.
         asked = fact_question_conversations(store.facts, persona, is_held_out)
-        new = sorted({t.user for c in asked for t in c.turns} - set(cache))
-        cache.update(zip(new, retrieve_contexts(retriever, new), strict=True))
+        cache.update(_turn_contexts(retriever, asked))
         kept = kept + asked
     all_facts = [ContextFact(f.id, f.text, 0.0) for f in store.facts]
     rows = _dataset_rows(config, persona, kept, eval_ids, cache, all_facts)
@@ -160,6 +158,18 @@ def build_datasets(config: DataConfig, teacher=None) -> dict:
     return _write(
         config, rows, store, retrieval, dialogues_path, excluded, len(kept), len(generated), len(asked)
     )
+
+
+def _turn_contexts(retriever, conversations) -> dict[tuple[str, int], list[ContextFact]]:
+    """Each turn's retrieved facts, keyed (conversation id, turn): retrieval reads a turn with the
+    conversation before it, as the chat does (the persona's own answers in its history)."""
+    turns = [(c, i) for c in sorted(conversations, key=lambda c: c.id) for i in range(len(c.turns))]
+    contexts = retrieve_contexts(
+        retriever,
+        [c.turns[i].user for c, i in turns],
+        [_history(c.turns[:i], "ojousama") for c, i in turns],
+    )
+    return {(c.id, i): ctx for (c, i), ctx in zip(turns, contexts, strict=True)}
 
 
 def _history(turns, style: str) -> list[dict]:
@@ -183,11 +193,11 @@ def _dataset_rows(config: DataConfig, persona: Persona, kept, eval_ids, cache, a
         for i, turn in enumerate(conv.turns):
             if split == "train":
                 context, raft = raft_context(
-                    cache[turn.user], turn.facts, all_facts, config, _rng(config.seed, conv.id, i)
+                    cache[conv.id, i], turn.facts, all_facts, config, _rng(config.seed, conv.id, i)
                 )
             else:
                 # Held-out prompts are exactly what inference sees: no RAFT changes.
-                context, raft = cache[turn.user], "none"
+                context, raft = cache[conv.id, i], "none"
             prompts = {
                 s: build_messages(persona, context, _history(conv.turns[:i], s), turn.user) for s in STYLES
             }
