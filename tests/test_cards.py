@@ -89,7 +89,11 @@ def test_v2_kansai_card():
     assert persona.greeting == "いらっしゃい！あなた、カウンター空いてるで。まずは土手焼きからいっとく？"
     assert persona.style.instruction == "" and persona.style.endings == ("やで", "やねん", "ねん")
     style_line = persona.style.sentences(persona.name)
-    assert "一人称は「うち」です。" in style_line and "「〜やで」" in style_line and "そら牛串やで！" in style_line
+    assert (
+        "一人称は「うち」です。" in style_line
+        and "「〜やで」" in style_line
+        and "そら牛串やで！" in style_line
+    )
     # Answers to a user line first, then the lone character line; continuation lines stay in their line.
     assert persona.style.examples == (
         "そら牛串やで！うちの一番人気やねん。",
@@ -136,7 +140,9 @@ def test_v3_samurai_card_uses_the_nickname_and_name_prefixed_lines():
     assert persona.id == "ronin"
     assert persona.greeting == "拙者、榊原蔵人と申す。隣に越してこられたのは町人殿でござるか。"
     # No personality: the scenario and system_prompt follow the description; {{original}} is dropped.
-    assert persona.summary.endswith("場面：町人は長屋の隣に越してきたばかりの町人。蔵人は古風な武士言葉で話す。")
+    assert persona.summary.endswith(
+        "場面：町人は長屋の隣に越してきたばかりの町人。蔵人は古風な武士言葉で話す。"
+    )
     assert persona.style.instruction == ""
     assert (
         persona.style.examples[1]
