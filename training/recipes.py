@@ -44,6 +44,9 @@ class LoraRecipe:
     # LoRA on the last N decoder layers only (None: all). On CPU the backward pass then stops there.
     # Modules outside the decoder layers (embed_tokens, lm_head) named in target_modules keep their LoRA.
     top_layers: int | None = None
+    # LoRA on these decoder layers only (indices from 0), instead of top_layers: e.g. the layers another
+    # stage's LoRA left alone. The same rule for modules outside the decoder layers.
+    layers: list[int] | None = None
 
 
 @dataclass
@@ -145,6 +148,9 @@ class Recipe:
     eos_contrast: float = 0.0
     # DPO: add this share of pairs again with the user's own message, echoed, as the rejected reply.
     parrot_contrast: float = 0.0
+    # SFT: this share of the training examples is continued-pre-training blocks of the persona's knowledge
+    # (rendered with the `cpt` block's settings, every token trained), mixed into the chat rows ("replay").
+    replay: float = 0.0
     seed: int = 42
     quantization: str = "auto"
     gradient_checkpointing: bool | None = None  # default: on for QLoRA, off for CPU LoRA
@@ -186,13 +192,17 @@ class Recipe:
         {"dpo": _validate_dpo, "cpt": _validate_cpt, "rl": _validate_rl, "xattn": _validate_xattn}.get(
             self.stage, _validate_contrasts
         )(self, where)
+        if not 0 <= self.replay < 1 or (self.replay and self.stage != "sft"):
+            _fail(where, "replay", "a share in [0, 1), for the sft stage only")
+        if self.replay:
+            _validate_cpt_block(self.cpt, where)
         return self
 
     def to_dict(self) -> dict:
         """The recipe as a plain mapping; the stage blocks only where they apply."""
         out = asdict(self)
         for key in ("cpt", "rl", "xattn"):
-            if self.stage != key:
+            if self.stage != key and not (key == "cpt" and self.replay):
                 out.pop(key)
         if self.stage == "xattn":
             out.pop("lora")
@@ -206,6 +216,11 @@ def _fail(where: str, name: str, problem: str):
 def _validate_lora(lora: LoraRecipe, where: str) -> None:
     if lora.r <= 0 or lora.lora_alpha <= 0 or not 0 <= lora.lora_dropout < 1:
         _fail(where, "lora", "r and lora_alpha must be positive, lora_dropout in [0, 1)")
+    if lora.layers is not None:
+        if lora.top_layers:
+            _fail(where, "lora.layers", "give either lora.layers or lora.top_layers, not both")
+        if not lora.layers or min(lora.layers) < 0 or len(set(lora.layers)) != len(lora.layers):
+            _fail(where, "lora.layers", "a non-empty list of distinct layer indices from 0")
 
 
 def _validate_contrasts(recipe: Recipe, where: str) -> None:
@@ -225,7 +240,10 @@ def _validate_dpo(recipe: Recipe, where: str) -> None:
 
 def _validate_cpt(recipe: Recipe, where: str) -> None:
     _validate_contrasts(recipe, where)
-    c = recipe.cpt
+    _validate_cpt_block(recipe.cpt, where)
+
+
+def _validate_cpt_block(c: CptRecipe, where: str) -> None:
     if isinstance(c.formats, str):
         c.formats = [c.formats]
     unknown = [f for f in c.formats if f not in CPT_FORMATS]

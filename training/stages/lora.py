@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from rag_persona.errors import RagPersonaError
 from training.recipes import Recipe
 
 
@@ -38,10 +39,8 @@ def lora_config(recipe: Recipe, model, *, task_type: str = "CAUSAL_LM", modules_
         # peft's "all-linear" keeps every Linear except the LM head; a classifier's score head is one of them,
         # and it is trained whole (modules_to_save) instead.
         targets = linear_module_names(model)
-    layers = None
-    if lora.top_layers:
-        n = model.config.get_text_config().num_hidden_layers
-        layers = list(range(max(0, n - lora.top_layers), n))
+    layers = _chosen_layers(recipe, model)
+    if layers is not None:
         if targets == "all-linear":
             targets = linear_module_names(model)
         outside = [t for t in targets if t not in set(linear_module_names(model))]
@@ -59,6 +58,23 @@ def lora_config(recipe: Recipe, model, *, task_type: str = "CAUSAL_LM", modules_
         task_type=task_type,
         modules_to_save=modules_to_save,
     )
+
+
+def _chosen_layers(recipe: Recipe, model) -> list[int] | None:
+    """The decoder layers the recipe's LoRA goes on (lora.top_layers or lora.layers); None: all of them."""
+    lora = recipe.lora
+    n = model.config.get_text_config().num_hidden_layers
+    if lora.layers:
+        outside = [i for i in lora.layers if not 0 <= i < n]
+        if outside:
+            raise RagPersonaError(
+                f"recipe {recipe.name}: field 'lora.layers': layer {outside[0]} is not one of the "
+                f"model's {n} decoder layers (0-{n - 1})"
+            )
+        return sorted(lora.layers)
+    if lora.top_layers:
+        return list(range(max(0, n - lora.top_layers), n))
+    return None
 
 
 def _full_target_names(model, targets: list[str], layers: set[int]) -> list[str]:

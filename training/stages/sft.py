@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import random
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
 from training.recipes import Recipe
 
-from .common import Run, RunOptions, common_args, train_labelled
+from .common import Examples, Run, RunOptions, common_args, train_labelled
 
 
 @functools.cache
@@ -44,6 +45,72 @@ def sft_config(run: Run, work: Path):
     )
 
 
+def replay_count(n_rows: int, share: float) -> int:
+    """CPT blocks to add to n_rows chat examples so that they are `share` of the mix (at least one)."""
+    return max(1, round(n_rows * share / (1 - share))) if share else 0
+
+
+def add_replay_blocks(run: Run, tokenizer, ex: Examples, eos_id: int, stops: set[int]) -> dict:
+    """Mix recipe.replay's share of CPT blocks into the SFT examples at seeded positions; what was added.
+
+    The blocks are the knowledge rendered as in `train cpt` with the recipe's `cpt` block and seed (the same
+    documents a CPT run with that seed trained on), audited the same way; every token of a block is trained.
+    """
+    from rag_persona.settings import KNOWLEDGE_ROOT
+    from training.data.cpt_data import build_cpt_data
+
+    r, c = run.recipe, run.recipe.cpt
+    if not r.replay:
+        return {"replay_blocks": 0}
+    knowledge_dir = Path(c.knowledge_dir or KNOWLEDGE_ROOT / r.persona)
+    if not knowledge_dir.is_dir():
+        raise RagPersonaError(
+            f"{knowledge_dir}: knowledge folder not found (recipe field 'cpt.knowledge_dir')"
+        )
+    want = replay_count(len(ex.train.examples), r.replay)
+    data = build_cpt_data(
+        tokenizer,
+        eos_id,
+        stops,
+        knowledge_dir=knowledge_dir,
+        block_size=c.block_size,
+        variants=c.variants,
+        eval_variants=0,
+        formats=c.formats,
+        facts_per_paragraph=c.facts_per_paragraph,
+        seed=r.seed,
+    )
+    blocks = data.train
+    if want > len(blocks.examples):
+        raise RagPersonaError(
+            f"recipe {r.name}: field 'replay': {r.replay} of {len(ex.train.examples)} SFT examples needs "
+            f"{want} CPT blocks, the knowledge gives {len(blocks.examples)}; raise cpt.variants"
+        )
+    rng = random.Random(f"{r.seed}|replay")
+    picked = sorted(rng.sample(range(len(blocks.examples)), want))
+    mixed = list(zip(ex.train.examples, ex.train.sources, strict=True))
+    mixed += [(blocks.examples[i], f"replay {blocks.sources[i]}") for i in picked]
+    rng.shuffle(mixed)
+    ex.train.examples[:] = [m[0] for m in mixed]
+    ex.train.sources[:] = [m[1] for m in mixed]
+    run.progress(
+        f"{want} CPT blocks of {c.block_size} tokens mixed in ({want / len(mixed):.0%} of {len(mixed)} "
+        f"training examples, from {len(blocks.examples)} blocks of {knowledge_dir})"
+    )
+    return {
+        "replay_blocks": want,
+        "replay_share": round(want / len(mixed), 4),
+        "replay_data": {"knowledge_dir": str(knowledge_dir), **data.manifest()},
+    }
+
+
 def train_sft(recipe: Recipe, out: Path, options: RunOptions) -> dict:
     """Supervised fine-tuning of a fresh LoRA (or of recipe.init_adapter); returns the run's metrics."""
-    return train_labelled(recipe, out, options, trainer_class=sft_trainer_class, config=sft_config)
+    return train_labelled(
+        recipe,
+        out,
+        options,
+        trainer_class=sft_trainer_class,
+        config=sft_config,
+        extra_pairs=add_replay_blocks,
+    )
