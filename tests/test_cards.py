@@ -547,3 +547,51 @@ def test_cli_import_index_search_end_to_end(tmp_path):
         result = runner.invoke(app, ["search", "--index", str(index), "--json", query])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)[0]["id"] == expected
+
+
+@pytest.mark.parametrize(
+    ("card", "question", "fact", "name"),
+    [
+        ("kansai_kushikatsu", "定休日っていつなん？", "定休日", "鶴田美咲"),
+        ("samurai_ronin", "お主の流派は何か", "流派", "榊原蔵人"),
+        ("student_casual", "部活なにやってんの？", "部活", "早瀬陸"),
+    ],
+)
+def test_import_then_ask_with_persona_folder_end_to_end(
+    tmp_path, monkeypatch, tiny_model_dir, card, question, fact, name
+):
+    """import → ask --persona DIR (its index built on first use) → the card's prompt and lorebook fact,
+    for cards of three registers; the chat model is a tiny random one (mechanics, not quality)."""
+    monkeypatch.setenv("RAG_PERSONA_HOME", str(tmp_path / "home"))
+    persona = tmp_path / card
+    assert (
+        runner.invoke(
+            app, ["persona", "import", str(CARDS / f"{card}.json"), "--out", str(persona)]
+        ).exit_code
+        == 0
+    )
+    res = runner.invoke(
+        app,
+        [
+            "ask",
+            question,
+            "--persona",
+            str(persona),
+            "--model",
+            str(tiny_model_dir),
+            "--adapter",
+            "none",
+            "--engine",
+            "transformers",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    reply = json.loads(res.stdout[res.stdout.index("{") :])
+    assert fact in [c["id"] for c in reply["context"]]
+    prompt = runner.invoke(app, ["render-prompt", question, "--persona", str(persona), "--json"])
+    assert prompt.exit_code == 0, prompt.output
+    system = json.loads(prompt.stdout[prompt.stdout.index("{") :])["messages"][0]["content"]
+    assert system.startswith(f"あなたは{name}です。") and "お嬢様" not in system

@@ -178,6 +178,11 @@ def test_an_edit_embeds_beside_the_index_while_chats_keep_searching(tmp_path, pe
         editor.join(60)
     assert engine.search("馬に乗りますか", "dense", 0.0, 1)[0].fact_id == "horse"
     assert "horse" in [json.loads(line)["id"] for line in (kb / "facts.jsonl").read_text().splitlines()]
+    # A 52 KB fact (once a 500 on every hybrid turn, minutes of embedding under the lock) is one line.
+    before = (kb / "facts.jsonl").read_bytes()
+    with pytest.raises(RagPersonaError, match=r"field 'text': 52000 characters, the limit is 1000"):
+        engine.edit_store("add", {"id": "huge", "text": "あ" * 52_000})
+    assert (kb / "facts.jsonl").read_bytes() == before and "huge" not in engine.store.ids
 
 
 def test_a_typo_in_the_source_file_serves_the_last_good_index_with_a_warning(tmp_path, persona, capsys):

@@ -196,6 +196,7 @@ def _history_turns(history: str | None) -> list[dict]:
 def render_prompt(
     query: Annotated[str, typer.Argument(help="The user turn.")],
     index: IndexOpt = None,
+    persona: PersonaOpt = None,
     history: Annotated[
         str | None, typer.Option("--history", help="JSON list of earlier {role, content} messages.")
     ] = None,
@@ -210,7 +211,11 @@ def render_prompt(
 
     turns = _history_turns(history)
     plan = plan_turn(
-        default_persona(), retriever_for(open_index(index)), turns, query, include_context=not no_context
+        default_persona(persona),
+        retriever_for(open_index(index, persona)),
+        turns,
+        query,
+        include_context=not no_context,
     )
     if as_json:
         echo_json({"messages": plan.messages, "context": [f.__dict__ for f in plan.context]})
