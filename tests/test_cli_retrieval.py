@@ -106,3 +106,19 @@ def test_search_without_index_uses_the_default_persona(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["id"] == "profile-name"
     assert (tmp_path / "home" / "indexes" / "ojousama" / "manifest.json").is_file()
+
+
+def test_persona_flag_picks_the_persona_for_index_search_and_eval(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAG_PERSONA_HOME", str(tmp_path / "home"))
+    result = run("index", "--persona", "kansai", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["index"] == str(tmp_path / "home" / "indexes" / "kansai")
+    result = run("search", "--persona", "kansai", "--json", "猫舌なん？")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["id"] == "weakness-nekojita"
+    queries = Path(__file__).parents[1] / "knowledge" / "kansai" / "queries" / "dev_multiturn.jsonl"
+    result = run("eval-retrieval", "--persona", "kansai", "--queries", str(queries), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["queries"] == 42
+    missing = run("search", "--persona", str(tmp_path / "nope"), "x")
+    assert missing.exit_code == 2 and "no such persona folder" in missing.stderr

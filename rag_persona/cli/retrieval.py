@@ -30,16 +30,29 @@ ConversationOpt = Annotated[
 @app.command("index")
 @friendly
 def index_cmd(
-    kb: Annotated[str, typer.Option("--kb", help="Knowledge base: a JSONL file or a folder.")],
-    out: Annotated[str, typer.Option("--out", help="Index folder to write (replaced atomically).")],
+    kb: Annotated[
+        str | None,
+        typer.Option("--kb", help="Knowledge base: a JSONL file or a folder (default: the persona's)."),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out", help="Index folder to write, replaced atomically (default: the persona's index)."
+        ),
+    ] = None,
+    persona: PersonaOpt = None,
     embedder: Annotated[
         str | None, typer.Option("--embedder", help="e5-small (default), a sentence-transformers id or path.")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Embed a knowledge base into a FAISS index folder with a manifest."""
-    from rag_persona.retrieval.store import build_index, is_index, load_index
+    """Embed a knowledge base into a FAISS index folder with a manifest (by default the persona's own:
+    the index every other command opens for --persona)."""
+    from rag_persona.retrieval.store import build_index, default_index_dir, is_index, load_index
+    from rag_persona.settings import get_settings
 
+    kb = kb or str(get_settings().persona_dir(persona))
+    out = out or str(default_index_dir(persona))
     old = load_index(out, check=False) if is_index(out) else None
     store = build_index(kb, out, embedder, progress=not as_json, keep_threshold_from=old)
     info = {
