@@ -155,3 +155,16 @@ def persona():
     from rag_persona.settings import KNOWLEDGE_ROOT
 
     return Persona.load(KNOWLEDGE_ROOT / "ojousama")
+
+
+def stop_process(proc, log=None, timeout: float = 15) -> None:
+    """Stop a server started by a test: terminate, kill if it hangs, close its log file."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if log is not None:
+        log.close()

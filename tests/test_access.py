@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_tiny_qwen2, make_tokenizer
+from conftest import make_tiny_qwen2, make_tokenizer, stop_process
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.prompts import Persona
@@ -339,12 +339,7 @@ def test_admin_sign_in_administers_and_chat_sign_in_cannot(tiny_dir, kb_index, t
         assert "Added `horse`" in status
         assert [json.loads(line)["id"] for line in kb.read_text(encoding="utf-8").splitlines()][-1] == "horse"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_process(proc, log)
 
 
 def test_local_admin_administers_within_limits(tiny_dir, kb_index, tmp_path):

@@ -57,8 +57,8 @@ class EchoLM:
 
         self.calls += 1
         prompt = self.tokenizer.decode(input_ids[0], skip_special_tokens=False)
-        users = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", prompt, re.S)
-        ids = self.tokenizer(" | ".join(users), add_special_tokens=False)["input_ids"][: max_new_tokens - 1]
+        text = self.reply_text(prompt)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: max_new_tokens - 1]
         ids.append(self.tokenizer.eos_token_id)
         out = input_ids
         streamer.put(input_ids.cpu())  # the prompt, skipped by the streamer (as generate does)
@@ -71,6 +71,10 @@ class EchoLM:
                 break
         streamer.end()
         return out
+
+    def reply_text(self, prompt: str) -> str:
+        """What the model says for a rendered prompt: every user message, joined by ' | '."""
+        return " | ".join(re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", prompt, re.S))
 
 
 def echo_loader(model_holder: dict):

@@ -17,12 +17,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import make_tiny_qwen2, make_tokenizer
-from test_api import Server, chat, free_port
+from conftest import make_tiny_qwen2, make_tokenizer, stop_process
+from test_api import EchoLM, Server, chat, free_port
 
 from rag_persona.generation import LoadedModel
 from rag_persona.prompts import Persona, system_prompt
@@ -40,36 +39,12 @@ def facts_of(persona: str) -> dict[str, str]:
     return {f["id"]: f["text"] for f in map(json.loads, lines)}
 
 
-class PromptEchoLM:
+class PromptEchoLM(EchoLM):
     """Replies '<first 10 characters of the system prompt> | <every user message joined by ' | '>'."""
 
-    def __init__(self, tokenizer, delay: float = 0.001):
-        import torch
-
-        self.tokenizer, self.delay = tokenizer, delay
-        self.device = torch.device("cpu")
-        self.generation_config = SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
-
-    def generate(self, input_ids, streamer=None, stopping_criteria=None, max_new_tokens=96, **kwargs):
-        import torch
-
-        prompt = self.tokenizer.decode(input_ids[0], skip_special_tokens=False)
+    def reply_text(self, prompt: str) -> str:
         system = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", prompt, re.S)
-        users = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", prompt, re.S)
-        text = " | ".join([(system.group(1) if system else "")[:10], *users])
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: max_new_tokens - 1]
-        ids.append(self.tokenizer.eos_token_id)
-        out = input_ids
-        streamer.put(input_ids.cpu())
-        for t in ids:
-            time.sleep(self.delay)
-            tok = torch.tensor([[t]])
-            out = torch.cat([out, tok], dim=1)
-            streamer.put(tok)
-            if stopping_criteria is not None and any(bool(c(out, None).all()) for c in stopping_criteria):
-                break
-        streamer.end()
-        return out
+        return " | ".join([(system.group(1) if system else "")[:10], super().reply_text(prompt)])
 
 
 class CountingLoader:
@@ -414,8 +389,4 @@ def test_cli_serves_two_personas_on_one_loaded_model(home, served, tmp_path):
         assert "persona ojousama (default): 小野寺絢音" in text and "persona kansai: 今宮陽菜" in text
         assert "1 loaded model(s) for 2 personas" in text and "model 'ojousama', 'kansai'" in text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

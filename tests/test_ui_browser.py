@@ -51,7 +51,7 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, persona_index):
     """`rag-persona serve --model <tiny> --index <persona index> --port <free>` as a real process."""
-    from conftest import make_tiny_qwen2, make_tokenizer
+    from conftest import make_tiny_qwen2, make_tokenizer, stop_process
 
     base = tmp_path_factory.mktemp("serve")
     model_dir = base / "tiny-qwen2"
@@ -92,12 +92,7 @@ def server(tmp_path_factory, persona_index):
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_process(proc, log)
 
 
 def context_rows(page, panel: str) -> list[tuple[str, float]]:
