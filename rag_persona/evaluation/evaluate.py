@@ -145,6 +145,12 @@ def persona_words(persona: Persona) -> list[str]:
     return words
 
 
+def persona_texts(persona: Persona) -> list[str]:
+    """What the persona's prompt says about it (summary, greeting, examples): specifics a reply may use."""
+    style = persona.style
+    return [persona.summary, persona.greeting or "", *(style.examples if style else ())]
+
+
 def evaluate_chat(
     chat: PersonaChat,
     prompts: Sequence[EvalPrompt],
@@ -178,6 +184,8 @@ def evaluate_chat(
                 extra_special=extra,
                 tokens=tokens,
                 markers=chat.persona.markers,  # the persona's register; None (no style): the お嬢様 default
+                identity=(chat.persona.name, chat.persona.reading),
+                sources=[m["content"] for m in p.history] + persona_texts(chat.persona),
             )
         )
         if progress:

@@ -14,6 +14,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from rag_persona.evaluation.grounding import invented_specifics, malformed_parts, names_itself
 from rag_persona.utils.text import morphemes
 
 # -- お嬢様言葉 markers (the one list) ------------------------------------------------------------------
@@ -295,6 +296,9 @@ class PromptResult:
     offtopic_ok: bool | None = None
     new_tokens: int = 0
     seconds: float = 0.0
+    identity_ok: bool | None = None  # prompts of kind "identity": the reply names the persona
+    invented: list[str] = field(default_factory=list)  # numbers / proper nouns found in no source
+    malformed: list[str] = field(default_factory=list)  # foreign script, stray Latin, doubled phrases
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -310,13 +314,24 @@ def judge(
     extra_special: Iterable[str] = (),
     tokens: Callable[[str], list[str]] | None = None,
     markers: Sequence[str] | None = None,
+    identity: tuple[str, str] | None = None,
+    sources: Sequence[str] = (),
 ) -> PromptResult:
-    """Fill in metrics, fact correctness (golden prompts) and off-topic handling (no golden fact).
+    """Fill in metrics, fact correctness (golden prompts) and off-topic handling (no golden fact), and the
+    grounding checks (rag_persona.evaluation.grounding).
 
     `markers`: the persona's style markers (None: the お嬢様 markers). An off-topic reply is handled when it
     is in register (unless the persona has no markers), repeats no retrieved fact and does not do the task.
+    `identity`: the persona's (name, reading), checked on prompts of kind "identity". `sources`: texts a
+    reply may take specifics from besides the knowledge (`facts`) and the query: the conversation, the
+    persona's own description.
     """
     result.metrics = reply_metrics(result.reply, result.ended_by_eos, extra_special, markers)
+    grounded = [*facts.values(), result.query, *sources]
+    result.invented = invented_specifics(result.reply, grounded)
+    result.malformed = malformed_parts(result.reply, grounded)
+    if identity is not None and result.kind == "identity":
+        result.identity_ok = names_itself(result.reply, *identity)
     persona_words = list(persona_words)
     if result.golden_ids:
         keys = [
@@ -368,4 +383,8 @@ def summarize(results: Sequence[PromptResult], length_range: tuple[int, int] = (
         "offtopic_handling": _rate(off),
         "n_offtopic": len(off),
         "mean_new_tokens": round(statistics.fmean([r.new_tokens for r in results]), 1) if results else None,
+        "identity_accuracy": _rate([r.identity_ok for r in results if r.identity_ok is not None]),
+        "n_identity": sum(r.identity_ok is not None for r in results),
+        "invented_rate": _rate([bool(r.invented) for r in results]),
+        "malformed_rate": _rate([bool(r.malformed) for r in results]),
     }
