@@ -204,3 +204,19 @@ def test_fact_questions_add_train_only_turns_answered_by_the_fact(index_dir, bui
         assert (out / f).read_bytes() == (base_dir / f).read_bytes()
     dialogue = [r for r in _rows(out / "sft_d1_train.jsonl") if r["kind"] != "fact-question"]
     assert dialogue == _rows(base_dir / "sft_d1_train.jsonl")
+
+
+def test_v2_dialogues_join_the_build_and_reach_the_eval_prompts(index_dir, tmp_path):
+    out = tmp_path / "v2"
+    manifest = build_datasets(
+        DataConfig(out=out, index=index_dir, seed=7, dialogues=["dialogues.jsonl", "dialogues_v2.jsonl"])
+    )
+    assert set(manifest["dialogues_sha256"]) == {"dialogues.jsonl", "dialogues_v2.jsonl"}
+    kinds = {row["kind"] for row in _rows(out / "eval_prompts.jsonl")}
+    assert {"identity", "unanswerable"} <= kinds | {r["kind"] for r in _rows(out / "sft_d1_train.jsonl")}
+    train_ids = {row["id"].split("-t")[0] for row in _rows(out / "sft_d1_train.jsonl")}
+    assert any(i.startswith("v2-") for i in train_ids) and any(i.startswith("c") for i in train_ids)
+    # the same file twice: every id repeats, one error line, nothing written
+    with pytest.raises(RagPersonaError, match=r"conversation id 'c0001' also in dialogues.jsonl"):
+        build_datasets(DataConfig(out=tmp_path / "dup", index=index_dir, dialogues=["dialogues.jsonl"] * 2))
+    assert not (tmp_path / "dup").exists()

@@ -37,6 +37,13 @@ def build_data(
             help="Add train-only turns from the facts' own questions, answered with the fact itself.",
         ),
     ] = False,
+    dialogues: Annotated[
+        str,
+        typer.Option(
+            "--dialogues",
+            help="Comma-separated dialogue files in the persona folder (v2 data: dialogues.jsonl,dialogues_v2.jsonl).",
+        ),
+    ] = "dialogues.jsonl",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Regenerate SFT and DPO data (D0 plain, D1 お嬢様, D2 both) from the knowledge base."""
@@ -54,6 +61,7 @@ def build_data(
             augment_paraphrases=augment_paraphrases,
             teacher=teacher,
             fact_questions=fact_questions,
+            dialogues=[d.strip() for d in dialogues.split(",") if d.strip()],
         )
     )
     if as_json:

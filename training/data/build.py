@@ -48,6 +48,10 @@ class DataConfig:
     # person (training.data.fact_answers.say_fact): the persona's basic facts (her name above all) are asked
     # far less often in the dialogues than users ask them.
     fact_questions: bool = False
+    # Dialogue files in the persona folder, read in this order (ids must be unique across them):
+    # "dialogues.jsonl" and, for the persona model v2, "dialogues_v2.jsonl" (identity, multi-turn,
+    # unanswerable, small talk).
+    dialogues: list[str] = field(default_factory=lambda: ["dialogues.jsonl"])
 
     def __post_init__(self) -> None:
         for name in ("distractor_rate", "drop_golden_rate", "eval_share"):
@@ -114,8 +118,8 @@ def build_datasets(config: DataConfig, teacher=None) -> dict:
     persona_dir = get_settings().persona_dir(config.persona)
     persona = Persona.load(persona_dir)
     store, retriever = _open_retriever(config)
-    dialogues_path = persona_dir / "dialogues.jsonl"
-    conversations = load_dialogues(dialogues_path, set(store.ids))
+    dialogue_paths = [persona_dir / name for name in config.dialogues]
+    conversations = _load_all_dialogues(dialogue_paths, set(store.ids))
     exclude_files = config.exclude_queries or sorted((persona_dir / "queries").glob("test*.jsonl"))
     held_out = {normalise(q.query) for f in exclude_files for q in load_queries(f)}
 
@@ -156,8 +160,20 @@ def build_datasets(config: DataConfig, teacher=None) -> dict:
         "k": retriever.k,
     }
     return _write(
-        config, rows, store, retrieval, dialogues_path, excluded, len(kept), len(generated), len(asked)
+        config, rows, store, retrieval, dialogue_paths, excluded, len(kept), len(generated), len(asked)
     )
+
+
+def _load_all_dialogues(paths: list[Path], fact_ids: set[str]) -> list[Conversation]:
+    """Conversations of every dialogue file, in order; an id used twice across files is one error line."""
+    conversations, seen = [], {}
+    for path in paths:
+        for conv in load_dialogues(path, fact_ids):
+            if conv.id in seen:
+                raise RagPersonaError(f"{path}: conversation id {conv.id!r} also in {seen[conv.id]}")
+            seen[conv.id] = path.name
+            conversations.append(conv)
+    return conversations
 
 
 def _turn_contexts(retriever, conversations) -> dict[tuple[str, int], list[ContextFact]]:
@@ -283,7 +299,7 @@ def _write(
     rows: dict[str, list[dict]],
     store,
     retrieval: dict,
-    dialogues_path: Path,
+    dialogue_paths: list[Path],
     excluded,
     n_kept: int,
     n_generated: int,
@@ -306,7 +322,10 @@ def _write(
             "knowledge_hash": store.knowledge_hash,
             "index_manifest": store.manifest,
             "retrieval": retrieval,
-            "dialogues_sha256": file_sha256(dialogues_path),
+            # one file: its sha256 (as before); several: {file name: sha256}
+            "dialogues_sha256": file_sha256(dialogue_paths[0])
+            if len(dialogue_paths) == 1
+            else {p.name: file_sha256(p) for p in dialogue_paths},
             "conversations": n_kept,
             "excluded_conversations": sorted(c.id for c in excluded),
             "generated_conversations": n_generated,
