@@ -195,7 +195,13 @@ def test_a_typo_in_the_source_file_serves_the_last_good_index_with_a_warning(tmp
     store = ensure_index(kb, tmp_path / "index", "e5-small")
     assert len(store) == 6 and "facts.jsonl:7" in store.warning and "last good index" in store.warning
     assert "facts.jsonl:7" in capsys.readouterr().err
-    with Server(echo_engine(store, persona)) as server:
+    engine = echo_engine(store, persona)
+    from ui.engine import Personas
+    from ui.tabs.common import Page
+
+    header = Page(Personas.of(engine)).header_md()  # the page's banner
+    assert header.startswith("> ⚠️ ") and "facts.jsonl:7" in header
+    with Server(engine) as server:
         health = httpx.get(f"{server.url}/v1/health", timeout=10).json()
         assert any("facts.jsonl:7" in w for w in health["warnings"])
         assert chat(server.url, [{"role": "user", "content": "紅茶は？"}], max_tokens=64)["choices"]

@@ -150,7 +150,9 @@ class Page:
         engine = self.engine_for(pid)
         persona, info = engine.persona, engine.info()
         adapter = f" + adapter `{Path(info['adapter']).name}`" if info.get("adapter") else ""
-        return (
+        # A broken source knowledge file: the page says so above everything (served from the last good index).
+        banner = "".join(f"> ⚠️ {w}\n\n" for w in info.get("warnings", []))
+        return banner + (
             f"## {persona.name}（{persona.reading}）とおしゃべり\n"
             f"model `{engine.model_label()}`{adapter} on {info.get('device')} · "
             f"{info['facts']} facts · queue: {info['queue']['waiting']} waiting"
