@@ -205,11 +205,12 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = REA
 
 @contextmanager
 def server_process(cmd: list[str], ready_url: str, log: Path):
-    """Start a server, yield its start-to-ready seconds, stop it; then its peak RSS is in RUSAGE_CHILDREN."""
+    """Start a server, yield (its process, its start-to-ready seconds), stop it; then its peak RSS is in
+    RUSAGE_CHILDREN."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
-        yield wait_ready(ready_url, proc, log)
+        yield proc, wait_ready(ready_url, proc, log)
     finally:
         proc.terminate()
         try:
@@ -327,7 +328,7 @@ def run_api_row(spec: dict) -> dict:
     material = PromptMaterial.load(tokenizer_for(spec["model"]))
     questions = [material.question(i)[1] for i in range(spec["clients"] * spec["requests"] + 1)]
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    with server_process(cmd, f"http://127.0.0.1:{port}/v1/health", log) as ready_s:
+    with server_process(cmd, f"http://127.0.0.1:{port}/v1/health", log) as (_, ready_s):
         warm = asyncio.run(api_clients(url, questions[-1:], 1, spec["max_new_tokens"]))[0]
         started = time.perf_counter()
         replies = asyncio.run(api_clients(url, questions[:-1], spec["clients"], spec["max_new_tokens"]))

@@ -26,14 +26,13 @@ import difflib
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chat import cpu_name, free_port, percentile, wait_ready  # noqa: E402 - bench scripts share helpers
+from chat import cpu_name, free_port, percentile, server_process  # noqa: E402 - bench scripts share helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -214,12 +213,7 @@ def run(args) -> dict:
     base = f"http://127.0.0.1:{port}"
     url = f"{base}/v1/chat/completions"
     log = Path(tempfile.mkdtemp(prefix="bench-load-")) / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            serve_cmd(port, args), stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy()
-        )
-    try:
-        ready_s = wait_ready(f"{base}/v1/health", proc, log)
+    with server_process(serve_cmd(port, args), f"{base}/v1/health", log) as (proc, ready_s):
         info = health(base)
         asyncio.run(run_clients(url, [[(qs[0], False, None)]], args))  # warm-up: first kernels, prefix cache
         started = time.perf_counter()
@@ -233,12 +227,6 @@ def run(args) -> dict:
         idle_s = wait_idle(base, args.idle_timeout)
         rss_after = rss_mb(proc.pid)
         served = health(base).get("queue", {}).get("served")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return {
         "args": vars(args),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny tokenizers and random-weight models built in the test, and the bundled model."""
+"""Shared fixtures: tiny tokenizers and random-weight models built in the test, and the bundled model;
+helpers that run the CLI in this process."""
 
 from __future__ import annotations
 
+import json
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -95,6 +98,28 @@ def make_tiny_llama(tokenizer, seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(**tiny_config(tokenizer, num_hidden_layers=3, bos_token_id=None)))
 
 
+def tiny_training_folders(
+    root: Path, facts: list[dict], persona: dict, *, kb: str = "knowledge", background: str = "", **model
+) -> types.SimpleNamespace:
+    """Under root: a tiny Qwen2 (`model`: config overrides) in tiny/, a persona folder in `kb` (facts.jsonl,
+    persona.json, background.md when given) and test_train's SFT and DPO chat rows in data/."""
+    from test_train import write_chat_data, write_jsonl
+
+    tok = make_tokenizer()
+    make_tiny_qwen2(tok, **model).save_pretrained(root / "tiny", safe_serialization=True)
+    tok.save_pretrained(root / "tiny")
+    knowledge = root / kb
+    knowledge.mkdir(parents=True)
+    write_jsonl(knowledge / "facts.jsonl", facts)
+    (knowledge / "persona.json").write_text(json.dumps(persona, ensure_ascii=False), encoding="utf-8")
+    if background:
+        (knowledge / "background.md").write_text(background, encoding="utf-8")
+    write_chat_data(root / "data")
+    return types.SimpleNamespace(
+        root=root, model=str(root / "tiny"), kb=knowledge, data=root / "data", tok=tok
+    )
+
+
 @pytest.fixture
 def tiny_tokenizer():
     return make_tokenizer()
@@ -155,6 +180,40 @@ def persona():
     from rag_persona.settings import KNOWLEDGE_ROOT
 
     return Persona.load(KNOWLEDGE_ROOT / "ojousama")
+
+
+@pytest.fixture(scope="module")
+def echo_server(persona_store, persona):
+    """The API on a free port over the persona's index, answered by test_api's echo model (one per module)."""
+    from test_api import Server, echo_engine
+
+    holder: dict = {}
+    engine = echo_engine(persona_store, persona, holder=holder)
+    with Server(engine) as server:
+        server.engine, server.lm = engine, holder["lm"]
+        yield server
+
+
+def tiny_model_args(model_dir: Path, max_new_tokens: int) -> list[str]:
+    """CLI options for a chat on the tiny random model with no adapter, cut at a few tokens."""
+    return ["--model", str(model_dir), "--adapter", "none", "--max-new-tokens", str(max_new_tokens)]
+
+
+def run_cli(*args):
+    """`rag-persona ARGS` in this process (typer's CliRunner); asserts it exited 0, returns its result."""
+    from typer.testing import CliRunner
+
+    from rag_persona.cli.app import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def cli_json(*args) -> dict:
+    """The JSON object a `rag-persona ARGS --json` printed (from its first '{', after any library output)."""
+    out = run_cli(*args).stdout
+    return json.loads(out[out.index("{") :])
 
 
 def stop_process(proc, log=None, timeout: float = 15) -> None:

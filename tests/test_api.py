@@ -167,15 +167,6 @@ def chat(url: str, messages: list[dict], *, stream: bool = False, timeout: float
     }
 
 
-@pytest.fixture(scope="module")
-def echo_server(persona_store, persona):
-    holder: dict = {}
-    engine = echo_engine(persona_store, persona, holder=holder)
-    with Server(engine) as server:
-        server.engine, server.lm = engine, holder["lm"]
-        yield server
-
-
 # -- the API ---------------------------------------------------------------------------------------------------
 def test_concurrent_conversations_stay_isolated(echo_server, persona_store):
     """10 conversations × 3 turns at once, half streamed: each reply holds exactly its own history."""

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import cli_json, run_cli, tiny_model_args
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from typer.testing import CliRunner
@@ -473,8 +474,7 @@ def test_empty_entries_are_skipped_with_a_warning(tmp_path):
     path = tmp_path / "card.json"
     path.write_text(json.dumps(card, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "out"
-    result = runner.invoke(app, ["persona", "import", str(path), "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    result = run_cli("persona", "import", path, "--out", out)
     assert result.stdout.splitlines() == [
         f"wrote persona 'card' (鶴田美咲) to {out}: 5 facts (1 constant), 2 example dialogues; "
         "3 lorebook entries skipped (1 disabled, 2 empty)"
@@ -489,30 +489,15 @@ def test_empty_entries_are_skipped_with_a_warning(tmp_path):
 
 def test_cli_import_export(tmp_path):
     out = tmp_path / "ronin"
-    result = runner.invoke(
-        app,
-        [
-            "persona",
-            "import",
-            str(CARDS / "samurai_ronin.json"),
-            "--out",
-            str(out),
-            "--id",
-            "ronin",
-            "--user-name",
-            "町人",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    card = CARDS / "samurai_ronin.json"
+    result = run_cli("persona", "import", card, "--out", out, "--id", "ronin", "--user-name", "町人")
     assert result.stdout.splitlines() == [
         f"wrote persona 'ronin' (榊原蔵人) to {out}: 8 facts (1 constant), 2 example dialogues; "
         "1 lorebook entries skipped (1 disabled, 0 empty)"
     ]
     assert Persona.load(out).greeting.endswith("町人殿でござるか。")
     png = tmp_path / "ronin.png"
-    result = runner.invoke(app, ["persona", "export", str(out), "--out", str(png)])
-    assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == [
+    assert run_cli("persona", "export", out, "--out", png).stdout.splitlines() == [
         f"wrote chara_card_v3 PNG card for 榊原蔵人 to {png}: "
         "8 lorebook entries (1 constant), 2 example dialogues"
     ]
@@ -531,22 +516,15 @@ def test_cli_import_export(tmp_path):
 def test_cli_import_index_search_end_to_end(tmp_path):
     """A card's lorebook fact found by the real index and search commands on the bundled embedder."""
     persona = tmp_path / "kushikatsu"
-    result = runner.invoke(
-        app, ["persona", "import", str(CARDS / "kansai_kushikatsu.json"), "--out", str(persona)]
-    )
-    assert result.exit_code == 0, result.output
+    run_cli("persona", "import", CARDS / "kansai_kushikatsu.json", "--out", persona)
     index = tmp_path / "index"
-    result = runner.invoke(app, ["index", "--kb", str(persona), "--out", str(index), "--json"])
-    assert result.exit_code == 0, result.output
-    info = json.loads(result.stdout)
+    info = cli_json("index", "--kb", persona, "--out", index, "--json")
     assert info["facts"] == 7 and info["keys"] == 9  # 7 facts + their 2 question-like keys
     for query, expected in [
         ("お店は何曜日が休みですか？", "定休日"),
         ("ソースに二回つけてもいい？", "二度づけ禁止"),
     ]:
-        result = runner.invoke(app, ["search", "--index", str(index), "--json", query])
-        assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)[0]["id"] == expected
+        assert json.loads(run_cli("search", "--index", index, "--json", query).stdout)[0]["id"] == expected
 
 
 @pytest.mark.parametrize(
@@ -564,34 +542,9 @@ def test_import_then_ask_with_persona_folder_end_to_end(
     for cards of three registers; the chat model is a tiny random one (mechanics, not quality)."""
     monkeypatch.setenv("RAG_PERSONA_HOME", str(tmp_path / "home"))
     persona = tmp_path / card
-    assert (
-        runner.invoke(
-            app, ["persona", "import", str(CARDS / f"{card}.json"), "--out", str(persona)]
-        ).exit_code
-        == 0
-    )
-    res = runner.invoke(
-        app,
-        [
-            "ask",
-            question,
-            "--persona",
-            str(persona),
-            "--model",
-            str(tiny_model_dir),
-            "--adapter",
-            "none",
-            "--engine",
-            "transformers",
-            "--max-new-tokens",
-            "3",
-            "--json",
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    reply = json.loads(res.stdout[res.stdout.index("{") :])
+    run_cli("persona", "import", CARDS / f"{card}.json", "--out", persona)
+    model_args = [*tiny_model_args(tiny_model_dir, 3), "--engine", "transformers", "--json"]
+    reply = cli_json("ask", question, "--persona", persona, *model_args)
     assert fact in [c["id"] for c in reply["context"]]
-    prompt = runner.invoke(app, ["render-prompt", question, "--persona", str(persona), "--json"])
-    assert prompt.exit_code == 0, prompt.output
-    system = json.loads(prompt.stdout[prompt.stdout.index("{") :])["messages"][0]["content"]
+    system = cli_json("render-prompt", question, "--persona", persona, "--json")["messages"][0]["content"]
     assert system.startswith(f"あなたは{name}です。") and "お嬢様" not in system

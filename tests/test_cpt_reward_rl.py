@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 import torch
-from conftest import make_tiny_qwen2, make_tokenizer
+from conftest import make_tiny_qwen2, tiny_training_folders
 from safetensors.torch import load_file
-from test_train import write_chat_data, write_jsonl
+from test_train import write_jsonl
 from typer.testing import CliRunner
 
 from rag_persona.errors import RagPersonaError
@@ -43,19 +42,15 @@ def _quiet(msg):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny tied-embedding Qwen2 (like the bundled 0.5B), a tiny persona folder, SFT and DPO files."""
-    root = tmp_path_factory.mktemp("cpt_rl")
-    tok = make_tokenizer()
-    model = make_tiny_qwen2(tok, tie_word_embeddings=True, max_position_embeddings=1024)
-    model.save_pretrained(root / "tiny", safe_serialization=True)
-    tok.save_pretrained(root / "tiny")
-    kb = root / "knowledge" / "tiny"
-    kb.mkdir(parents=True)
-    write_jsonl(kb / "facts.jsonl", FACTS)
-    (kb / "persona.json").write_text(json.dumps(PERSONA, ensure_ascii=False), encoding="utf-8")
-    (kb / "background.md").write_text("# 生い立ち\n\n鎌倉山の洋館で育った。\n\n祖母にピアノを習った。\n")
-    data = root / "data"
-    write_chat_data(data)
-    return types.SimpleNamespace(root=root, model=str(root / "tiny"), kb=kb, data=data, tok=tok)
+    return tiny_training_folders(
+        tmp_path_factory.mktemp("cpt_rl"),
+        FACTS,
+        PERSONA,
+        kb="knowledge/tiny",
+        background="# 生い立ち\n\n鎌倉山の洋館で育った。\n\n祖母にピアノを習った。\n",
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+    )
 
 
 def _recipe(setup, stage, **kw):

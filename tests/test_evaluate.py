@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 import pytest
+from conftest import cli_json, tiny_model_args
 from typer.testing import CliRunner
 
 from rag_persona.chat import PersonaChat
@@ -167,23 +168,9 @@ def test_evaluate_cli_prints_replies_and_summary(tiny_model_dir, tmp_path, monke
             FakeRetriever(),
         ),
     )
-    res = CliRunner().invoke(
-        app,
-        [
-            "evaluate",
-            "--prompts",
-            str(_prompts_file(tmp_path)),
-            "--model",
-            str(tiny_model_dir),
-            "--adapter",
-            "none",
-            "--max-new-tokens",
-            "4",
-            "--json",
-        ],
+    report = cli_json(
+        "evaluate", "--prompts", _prompts_file(tmp_path), *tiny_model_args(tiny_model_dir, 4), "--json"
     )
-    assert res.exit_code == 0, res.output
-    report = json.loads(res.output[res.output.index("{") :])
     assert len(report["replies"]) == 3 and report["summary"]["n"] == 3
     assert report["setup"]["adapter"] is None and report["setup"]["mode"] == "prompt"
     bad = CliRunner().invoke(app, ["evaluate", "--prompts", str(tmp_path / "missing.jsonl")])
@@ -214,11 +201,7 @@ def test_evaluate_cli_xattn_mode_runs_cross_attention_chat(tiny_model_dir, perso
         "--index",
         str(persona_index),
     ]
-    res = CliRunner().invoke(
-        app, [*args, "--mode", "xattn", "--weights", str(tmp_path / "xw"), "--max-new-tokens", "4", "--json"]
-    )
-    assert res.exit_code == 0, res.output
-    report = json.loads(res.output[res.output.index("{") :])
+    report = cli_json(*args, "--mode", "xattn", "--weights", tmp_path / "xw", "--max-new-tokens", 4, "--json")
     assert report["setup"]["mode"] == "xattn" and report["setup"]["adapter"] == str(tmp_path / "xw")
     assert "profile-name" in report["replies"][0]["context_ids"]  # retrieved, then given as memory
     assert report["summary"]["n"] == 2

@@ -212,15 +212,6 @@ def test_a_typo_in_the_source_file_serves_the_last_good_index_with_a_warning(tmp
 
 
 # -- the API ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(persona_store, persona):
-    holder: dict = {}
-    engine = echo_engine(persona_store, persona, holder=holder)
-    with Server(engine) as srv:
-        srv.engine, srv.lm = engine, holder["lm"]
-        yield srv
-
-
 def _error(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, (r.status_code, r.text[:300])
     body = r.json()
@@ -255,71 +246,72 @@ def _nested(depth: int) -> str:
         ('{"messages": "hi"}', 400, "messages"),
     ],
 )
-def test_bad_requests_get_openai_shaped_4xx(server, content, status, needle):
-    err = _error(_post(server.url, content), status)
+def test_bad_requests_get_openai_shaped_4xx(echo_server, content, status, needle):
+    err = _error(_post(echo_server.url, content), status)
     assert needle in err["message"], err
-    assert httpx.get(f"{server.url}/v1/health", timeout=10).status_code == 200
+    assert httpx.get(f"{echo_server.url}/v1/health", timeout=10).status_code == 200
 
 
-def test_unknown_model_lists_the_models_and_seed_minus_one_means_random(server):
+def test_unknown_model_lists_the_models_and_seed_minus_one_means_random(echo_server):
     err = _error(
-        _post(server.url, json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]})), 404
+        _post(echo_server.url, json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]})),
+        404,
     )
     assert err["code"] == "model_not_found" and "['ojousama']" in err["message"]
-    res = chat(server.url, [{"role": "user", "content": "hi"}], seed=-1, max_tokens=32)
+    res = chat(echo_server.url, [{"role": "user", "content": "hi"}], seed=-1, max_tokens=32)
     assert res["choices"][0]["message"]["content"] == "hi"
 
 
-def test_body_over_the_limit_is_413_declared_or_chunked(server):
+def test_body_over_the_limit_is_413_declared_or_chunked(echo_server):
     from ui.api import MAX_BODY_BYTES
 
     big = json.dumps({"messages": [{"role": "user", "content": "あ" * (MAX_BODY_BYTES // 2)}]})
-    assert "too_large" in _error(_post(server.url, big), 413)["code"]
+    assert "too_large" in _error(_post(echo_server.url, big), 413)["code"]
 
     def chunks():  # no Content-Length: the limit must hold for a streamed upload too
         for _ in range(40):
             yield b" " * 65536
 
     r = httpx.post(
-        f"{server.url}/v1/chat/completions",
+        f"{echo_server.url}/v1/chat/completions",
         content=chunks(),
         headers={"content-type": "application/json"},
         timeout=30,
     )
     _error(r, 413)
-    assert chat(server.url, [{"role": "user", "content": "still here"}], max_tokens=64)["choices"]
+    assert chat(echo_server.url, [{"role": "user", "content": "still here"}], max_tokens=64)["choices"]
 
 
-def test_wrong_method_is_405_and_unknown_path_404_under_v1(server):
-    err = _error(httpx.get(f"{server.url}/v1/chat/completions", timeout=10), 405)
+def test_wrong_method_is_405_and_unknown_path_404_under_v1(echo_server):
+    err = _error(httpx.get(f"{echo_server.url}/v1/chat/completions", timeout=10), 405)
     assert "POST" in err["message"]
-    _error(httpx.delete(f"{server.url}/v1/models", timeout=10), 405)
-    err = _error(httpx.get(f"{server.url}/v1/completions", timeout=10), 404)
+    _error(httpx.delete(f"{echo_server.url}/v1/models", timeout=10), 405)
+    err = _error(httpx.get(f"{echo_server.url}/v1/completions", timeout=10), 404)
     assert "/v1/chat/completions" in err["message"]
 
 
-def test_an_unexpected_exception_is_a_500_with_an_id_that_is_in_the_log(server, caplog, monkeypatch):
+def test_an_unexpected_exception_is_a_500_with_an_id_that_is_in_the_log(echo_server, caplog, monkeypatch):
     def broken():
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(server.engine, "info", broken)
+    monkeypatch.setattr(echo_server.engine, "info", broken)
     with caplog.at_level(logging.ERROR, logger="rag_persona.api"):
-        err = _error(httpx.get(f"{server.url}/v1/health", timeout=10), 500)
+        err = _error(httpx.get(f"{echo_server.url}/v1/health", timeout=10), 500)
     assert err["type"] == "server_error" and "disk on fire" not in err["message"]
     error_id = err["message"].split("(id ")[1].split(";")[0]
     assert any(error_id in r.getMessage() and "disk on fire" in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
-    assert httpx.get(f"{server.url}/v1/health", timeout=10).status_code == 200
+    assert httpx.get(f"{echo_server.url}/v1/health", timeout=10).status_code == 200
 
 
-def test_a_non_streaming_client_that_leaves_frees_the_model(server):
-    engine, lm = server.engine, server.lm
+def test_a_non_streaming_client_that_leaves_frees_the_model(echo_server):
+    engine, lm = echo_server.engine, echo_server.lm
     lm.delay = 0.05  # ~60 tokens → ~3 s if it ran to the end
     try:
         started = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
-                f"{server.url}/v1/chat/completions",
+                f"{echo_server.url}/v1/chat/completions",
                 json={"messages": [{"role": "user", "content": "c98 leave me " * 4}], "max_tokens": 512},
                 timeout=httpx.Timeout(30, read=0.5),
             )
@@ -331,7 +323,7 @@ def test_a_non_streaming_client_that_leaves_frees_the_model(server):
     finally:
         lm.delay = 0.001
     assert (
-        chat(server.url, [{"role": "user", "content": "after"}], max_tokens=64)["choices"][0]["message"][
+        chat(echo_server.url, [{"role": "user", "content": "after"}], max_tokens=64)["choices"][0]["message"][
             "content"
         ]
         == "after"
@@ -348,7 +340,7 @@ def test_openapi_and_docs_are_behind_the_credentials(persona_store, persona):
         assert "swagger" in httpx.get(f"{srv.url}/v1/docs", timeout=10, auth=("aya", "s3cret")).text.lower()
 
 
-def test_fuzzed_requests_never_get_a_500_or_hang(server):
+def test_fuzzed_requests_never_get_a_500_or_hang(echo_server):
     """hypothesis over the request schema: right and wrong types, bounds, nesting, odd Unicode."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -403,7 +395,7 @@ def test_fuzzed_requests_never_get_a_500_or_hang(server):
     def one(payload):
         raw = json.dumps(payload, ensure_ascii=True)  # ASCII escapes carry lone surrogates through
         r = httpx.post(
-            f"{server.url}/v1/chat/completions",
+            f"{echo_server.url}/v1/chat/completions",
             content=raw,
             headers={"content-type": "application/json"},
             timeout=httpx.Timeout(20),
@@ -416,6 +408,6 @@ def test_fuzzed_requests_never_get_a_500_or_hang(server):
 
     one()
     deadline = time.monotonic() + 10
-    while server.engine.info()["queue"]["busy"]:  # nothing left running after the last client
-        assert time.monotonic() < deadline, server.engine.info()["queue"]
+    while echo_server.engine.info()["queue"]["busy"]:  # nothing left running after the last client
+        assert time.monotonic() < deadline, echo_server.engine.info()["queue"]
         time.sleep(0.05)

@@ -8,14 +8,12 @@ import json
 import re
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_qwen2, make_tokenizer
+from conftest import tiny_training_folders
 from safetensors.torch import load_file
-from test_train import write_chat_data, write_jsonl
 
 from rag_persona.errors import RagPersonaError
 from training.data.cpt_data import build_cpt_data
@@ -46,16 +44,9 @@ def _quiet(msg):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny untied Qwen2 (2 layers), a tiny persona folder and the chat rows of test_train."""
-    root = tmp_path_factory.mktemp("forgetting")
-    tok = make_tokenizer()
-    make_tiny_qwen2(tok, max_position_embeddings=1024).save_pretrained(root / "tiny", safe_serialization=True)
-    tok.save_pretrained(root / "tiny")
-    kb = root / "knowledge"
-    kb.mkdir()
-    write_jsonl(kb / "facts.jsonl", FACTS)
-    (kb / "persona.json").write_text(json.dumps(PERSONA, ensure_ascii=False), encoding="utf-8")
-    write_chat_data(root / "data")
-    return types.SimpleNamespace(root=root, model=str(root / "tiny"), kb=kb, data=root / "data", tok=tok)
+    return tiny_training_folders(
+        tmp_path_factory.mktemp("forgetting"), FACTS, PERSONA, max_position_embeddings=1024
+    )
 
 
 def _sft(tiny, **kw) -> Recipe:

@@ -15,7 +15,7 @@ IndexOpt = Annotated[
     ),
 ]
 ModeOpt = Annotated[
-    str | None, typer.Option("--mode", help="dense | lexical | hybrid (default: the index's).")
+    str | None, typer.Option("--mode", help="dense | lexical | hybrid | rerank (default: the index's).")
 ]
 KOpt = Annotated[int | None, typer.Option("--k")]
 ConversationOpt = Annotated[

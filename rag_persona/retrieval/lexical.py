@@ -1,12 +1,15 @@
-"""Lexical evidence: BM25 over Sudachi content words, as an IDF-weighted coverage of the query in [0, 1]."""
+"""Lexical evidence: BM25 (the `bm25s` library) over Sudachi content words or character bigrams, as an
+IDF-weighted coverage of the query in [0, 1]."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from rag_persona.errors import RagPersonaError
 from rag_persona.utils.text import morphemes
 
 _CONTENT_POS = {"名詞", "動詞", "形容詞", "形状詞", "副詞", "記号"}
@@ -28,50 +31,56 @@ def content_tokens(text: str) -> list[str]:
     return out
 
 
+def bigram_tokens(text: str) -> list[str]:
+    """Overlapping character bigrams of the text without whitespace (a lone character stays one token)."""
+    t = "".join(ch for ch in text.lower() if not ch.isspace())
+    return [t[i : i + 2] for i in range(len(t) - 1)] or ([t] if t else [])
+
+
+# Tokenisers by name. Measured (bench/retrieval.py): content words suit persona facts, where a question and
+# its fact share few words and particles would dominate bigrams; bigrams suit long passages (JSQuAD).
+TOKENIZERS: dict[str, Callable[[str], list[str]]] = {"words": content_tokens, "bigrams": bigram_tokens}
+DEFAULT_TOKENS = "words"
+
+
 class LexicalIndex:
-    """BM25 over content tokens of key rows, scored as an IDF-weighted *coverage* of the query in [0, 1].
+    """BM25 (bm25s, Lucene variant) over tokens of key rows, scored as an IDF-weighted *coverage* of the
+    query in [0, 1].
 
     Raw BM25 grows with query length and corpus statistics. Dividing by the query's own maximum (every
-    query word present once in a key of average length) gives the share of the query's information
-    that a key matches: 1.0 means every content word of the query is there, on any corpus.
+    query token present once in a key of average length: idf x 1/(1 + k1) per token under Lucene's term
+    weight) gives the share of the query's information that a key matches: 1.0 means every token of the
+    query is there, on any corpus. A token repeated in a short key can push a key past 1; it is clipped.
     """
 
-    def __init__(self, texts: Sequence[str], k1: float = 1.2, b: float = 0.75):
-        self.k1, self.b = k1, b
-        docs = [content_tokens(t) for t in texts]
+    def __init__(self, texts: Sequence[str], k1: float = 1.2, b: float = 0.75, tokens: str = DEFAULT_TOKENS):
+        import bm25s
+
+        if tokens not in TOKENIZERS:
+            raise RagPersonaError(f"lexical: tokens {tokens!r} is not one of {', '.join(TOKENIZERS)}")
+        self.k1, self.b, self.tokens = k1, b, tokens
+        self._tokenize = TOKENIZERS[tokens]
+        docs = [self._tokenize(t) for t in texts]
         self.n = len(docs)
-        self.lengths = np.array([len(d) for d in docs], dtype=np.float64)
-        mean = float(self.lengths.mean()) if self.n else 0.0
-        self.avgdl = mean if mean > 0 else 1.0
-        postings: dict[str, dict[int, int]] = {}
-        for row, doc in enumerate(docs):
-            for tok in doc:
-                bucket = postings.setdefault(tok, {})
-                bucket[row] = bucket.get(row, 0) + 1
-        self.postings = {
-            t: (
-                np.fromiter(p.keys(), dtype=np.int64, count=len(p)),
-                np.fromiter(p.values(), dtype=np.float64),
-            )
-            for t, p in postings.items()
-        }
+        # Document frequencies for the query's normaliser (bm25s folds idf into its score matrix).
+        self._df = Counter(tok for doc in docs for tok in set(doc))
+        self._bm25 = None
+        if self._df:
+            self._bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
+            self._bm25.index(docs, show_progress=False)
+            self._vocab = self._bm25.vocab_dict
 
     def idf(self, term: str) -> float:
-        df = len(self.postings[term][0]) if term in self.postings else 0
+        """Lucene's idf, also for a term no key contains (df 0): such a term counts against coverage."""
+        df = self._df.get(term, 0)
         return math.log(1.0 + (self.n - df + 0.5) / (df + 0.5))
 
     def scores(self, query: str) -> np.ndarray:
-        """Coverage for every key row (zeros where no query word occurs)."""
-        out = np.zeros(self.n, dtype=np.float64)
-        terms = list(dict.fromkeys(content_tokens(query)))
-        norm = 0.0
-        for t in terms:
-            idf = self.idf(t)
-            norm += idf
-            if t not in self.postings:
-                continue
-            rows, tf = self.postings[t]
-            denom = tf + self.k1 * (1 - self.b + self.b * self.lengths[rows] / self.avgdl)
-            # 1 for a single occurrence in a key of average length; capped there
-            out[rows] += idf * np.minimum(tf * (self.k1 + 1) / denom, 1.0)
-        return out / norm if norm > 0 else out
+        """Coverage for every key row (zeros where no query token occurs)."""
+        terms = list(dict.fromkeys(self._tokenize(query)))
+        norm = sum(self.idf(t) for t in terms) / (1.0 + self.k1)
+        known = [self._vocab[t] for t in terms if t in self._df] if self._bm25 is not None else []
+        if not known or norm <= 0:
+            return np.zeros(self.n, dtype=np.float64)
+        raw = self._bm25.get_scores_from_ids(known).astype(np.float64)
+        return np.minimum(raw / norm, 1.0)

@@ -42,7 +42,7 @@ from rag_persona.retrieval.keys import KEY_QUESTION
 from rag_persona.retrieval.lexical import LexicalIndex
 from rag_persona.retrieval.store import FactStore
 
-MODES = ("dense", "lexical", "hybrid")
+MODES = ("dense", "lexical", "hybrid", "rerank")
 DEFAULT_MODE = "hybrid"
 DEFAULT_K = 3
 # Exact scoring against every key up to this many rows; FAISS top candidates above it.
@@ -90,19 +90,27 @@ def context_query(
 # -- configuration and results --------------------------------------------------------------------
 @dataclass
 class RetrievalConfig:
-    """mode: dense | lexical | hybrid; threshold: None = the index's tuned value, else the default."""
+    """mode: dense | lexical | hybrid | rerank (hybrid candidates, the top rerank_depth re-scored by the
+    cross-encoder in `reranker`, default the shipped one); threshold: None = the index's tuned value, else
+    the default."""
 
     mode: str = DEFAULT_MODE
     threshold: float | None = None
     k: int = DEFAULT_K
     use_questions: bool = True
     candidates: int = 256
+    rerank_depth: int = 20
+    reranker: str | None = None
     conversation: str = DEFAULT_CONVERSATION
     context_weight: float = DEFAULT_CONTEXT_WEIGHT
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RagPersonaError(f"retrieval: field 'mode': {self.mode!r} is not one of {', '.join(MODES)}")
+        if int(self.rerank_depth) < 1:
+            raise RagPersonaError(
+                f"retrieval: field 'rerank_depth': must be at least 1, got {self.rerank_depth}"
+            )
         if int(self.k) < 1:
             raise RagPersonaError(f"retrieval: field 'k': must be at least 1, got {self.k}")
         if self.conversation not in CONVERSATION_MODES:
@@ -224,6 +232,8 @@ class Retriever:
         """(fact index, score, cosine, lexical) per candidate, best first: the calibrated score, raised to
         KEYWORD_SCORE for a fact whose lorebook key occurs in the query (added when not a candidate)."""
         scores = self.score(cands)
+        if self.mode == "rerank":
+            scores = self._rerank(query, cands, scores)
         rows = {
             int(cands.facts[i]): (
                 float(scores[i]),
@@ -240,6 +250,18 @@ class Retriever:
                     rows[i] = (max(score, KEYWORD_SCORE), cos, lexical)
         ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])  # stable: ties keep candidate order
         return [(i, score, cos, lexical) for i, (score, cos, lexical) in ranked]
+
+    def _rerank(self, query: str, cands: Candidates, hybrid: np.ndarray) -> np.ndarray:
+        """The cross-encoder's calibrated probability for the hybrid's top rerank_depth candidates (0 for
+        the rest): the cheap scores choose what the expensive one reads."""
+        from rag_persona.retrieval.reranker import load_reranker
+
+        out = np.zeros(len(hybrid))
+        top = np.argsort(-hybrid, kind="stable")[: int(self.config.rerank_depth)]
+        if len(top):
+            texts = [self.store.facts[int(cands.facts[i])].text for i in top]
+            out[top] = load_reranker(self.config.reranker).probability(query, texts)
+        return out
 
     def _turn_scores(
         self, queries: Sequence[str], histories: Sequence[Sequence[dict]] | None = None
@@ -297,7 +319,7 @@ class Retriever:
         """Calibrated scores for one query's candidates."""
         if self.mode == "lexical":
             return np.maximum(cands.lex_text, cands.lex_question)
-        return score_candidates(cands, self.mode)
+        return score_candidates(cands, "hybrid" if self.mode == "rerank" else self.mode)
 
     # -- evidence --------------------------------------------------------------------------------
     def candidates(self, queries: Sequence[str]) -> list[Candidates]:
@@ -360,7 +382,7 @@ class Retriever:
             all_cos = qv @ vectors.T if store.n_keys else np.zeros((len(queries), 0), dtype=np.float32)
         else:
             _, found = store.index.search(np.ascontiguousarray(qv), min(self.config.candidates, store.n_keys))
-        hybrid = self.mode == "hybrid"
+        hybrid = self.mode in ("hybrid", "rerank")
         out = []
         for i, query in enumerate(queries):
             lex = self.lexical_index.scores(query) if hybrid else None

@@ -94,20 +94,58 @@ def cpt_trainer(run: Run, work: Path, model, data: CptData):
     )
 
 
-def cpt_data_for(run: Run, tokenizer, eos_id: int, stops: set[int], knowledge_dir: Path) -> CptData:
-    """The recipe's renderings of the knowledge, packed into blocks, and one progress line about them."""
-    r, c = run.recipe, run.recipe.cpt
-    data = build_cpt_data(
+def cpt_knowledge_dir(recipe: Recipe) -> Path:
+    """The persona folder the recipe's CPT blocks render: cpt.knowledge_dir, else the recipe's persona."""
+    from rag_persona.settings import KNOWLEDGE_ROOT
+
+    knowledge_dir = Path(recipe.cpt.knowledge_dir or KNOWLEDGE_ROOT / recipe.persona)
+    if not knowledge_dir.is_dir():
+        raise RagPersonaError(
+            f"{knowledge_dir}: knowledge folder not found (recipe field 'cpt.knowledge_dir')"
+        )
+    return knowledge_dir
+
+
+def recipe_cpt_data(
+    recipe: Recipe,
+    tokenizer,
+    eos_id: int,
+    stops: set[int],
+    knowledge_dir: Path,
+    *,
+    eval_variants: int,
+    max_train_blocks: int | None = None,
+    max_eval_blocks: int | None = None,
+) -> CptData:
+    """The knowledge rendered and packed as the recipe's `cpt` block and seed say: the same documents for
+    a CPT run and for an SFT run that replays it."""
+    c = recipe.cpt
+    return build_cpt_data(
         tokenizer,
         eos_id,
         stops,
         knowledge_dir=knowledge_dir,
         block_size=c.block_size,
         variants=c.variants,
-        eval_variants=c.eval_variants,
+        eval_variants=eval_variants,
         formats=c.formats,
         facts_per_paragraph=c.facts_per_paragraph,
-        seed=r.seed,
+        seed=recipe.seed,
+        max_train_blocks=max_train_blocks,
+        max_eval_blocks=max_eval_blocks,
+    )
+
+
+def cpt_data_for(run: Run, tokenizer, eos_id: int, stops: set[int], knowledge_dir: Path) -> CptData:
+    """The recipe's renderings of the knowledge, packed into blocks, and one progress line about them."""
+    r, c = run.recipe, run.recipe.cpt
+    data = recipe_cpt_data(
+        r,
+        tokenizer,
+        eos_id,
+        stops,
+        knowledge_dir,
+        eval_variants=c.eval_variants,
         max_train_blocks=r.max_train_examples,
         max_eval_blocks=r.max_eval_examples,
     )
@@ -128,15 +166,9 @@ def train_cpt(recipe: Recipe, out: Path, options: RunOptions) -> dict:
     """
     from peft import get_peft_model
 
-    from rag_persona.settings import KNOWLEDGE_ROOT
-
     run = start_run(recipe, out, options)
     progress = run.progress
-    knowledge_dir = Path(recipe.cpt.knowledge_dir or KNOWLEDGE_ROOT / recipe.persona)
-    if not knowledge_dir.is_dir():
-        raise RagPersonaError(
-            f"{knowledge_dir}: knowledge folder not found (recipe field 'cpt.knowledge_dir')"
-        )
+    knowledge_dir = cpt_knowledge_dir(recipe)
     loaded = load_model(run)
     model, tokenizer = loaded.model, loaded.tokenizer
     eos_id, stops = eos_ids(model, tokenizer)

@@ -10,6 +10,7 @@ from rag_persona.errors import RagPersonaError
 from training.recipes import Recipe
 
 from .common import Examples, Run, RunOptions, common_args, train_labelled
+from .cpt import cpt_knowledge_dir, recipe_cpt_data
 
 
 @functools.cache
@@ -56,30 +57,12 @@ def add_replay_blocks(run: Run, tokenizer, ex: Examples, eos_id: int, stops: set
     The blocks are the knowledge rendered as in `train cpt` with the recipe's `cpt` block and seed (the same
     documents a CPT run with that seed trained on), audited the same way; every token of a block is trained.
     """
-    from rag_persona.settings import KNOWLEDGE_ROOT
-    from training.data.cpt_data import build_cpt_data
-
     r, c = run.recipe, run.recipe.cpt
     if not r.replay:
         return {"replay_blocks": 0}
-    knowledge_dir = Path(c.knowledge_dir or KNOWLEDGE_ROOT / r.persona)
-    if not knowledge_dir.is_dir():
-        raise RagPersonaError(
-            f"{knowledge_dir}: knowledge folder not found (recipe field 'cpt.knowledge_dir')"
-        )
+    knowledge_dir = cpt_knowledge_dir(r)
     want = replay_count(len(ex.train.examples), r.replay)
-    data = build_cpt_data(
-        tokenizer,
-        eos_id,
-        stops,
-        knowledge_dir=knowledge_dir,
-        block_size=c.block_size,
-        variants=c.variants,
-        eval_variants=0,
-        formats=c.formats,
-        facts_per_paragraph=c.facts_per_paragraph,
-        seed=r.seed,
-    )
+    data = recipe_cpt_data(r, tokenizer, eos_id, stops, knowledge_dir, eval_variants=0)
     blocks = data.train
     if want > len(blocks.examples):
         raise RagPersonaError(

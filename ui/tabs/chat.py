@@ -105,7 +105,7 @@ class ChatTab:
     )  # send, submit, regenerate: what Stop and a persona switch cancel
 
     def controls(self) -> Named:
-        return Named(**{f.name: getattr(self, f.name) for f in fields(Controls)})
+        return Named.of(self, *(f.name for f in fields(Controls)))
 
 
 # -- layout ----------------------------------------------------------------------------------------------
@@ -253,29 +253,15 @@ class ChatCallbacks:
     def __init__(self, page: Page, tab: ChatTab):
         self.page, self.tab = page, tab
         self.controls = tab.controls()
-        self.out = Named(
-            chatbot=tab.chatbot,
-            turns=tab.turns,
-            msg=tab.msg,
-            context=tab.context,
-            prompt=tab.prompt,
-            preview=tab.preview,
-            status=tab.status,
-        )
-        self.cleared = Named(**{n: getattr(tab, n) for n in self.out.names if n != "preview"})
-        self.selected = Named(context=tab.context, prompt=tab.prompt)
+        self.out = Named.of(tab, "chatbot", "turns", "msg", "context", "prompt", "preview", "status")
+        self.cleared = Named.of(tab, *(n for n in self.out.names if n != "preview"))
+        self.selected = Named.of(tab, "context", "prompt")
         self.switched = Named(
             model_status=tab.model_status, header=page.header, context_mode=tab.context_mode
         )
         # what a persona switch sets: the conversation cleared, that persona's defaults and model
-        self.persona_view = Named(
-            **{n: getattr(tab, n) for n in self.out.names},
-            mode=tab.mode,
-            threshold=tab.threshold,
-            k=tab.k,
-            context_mode=tab.context_mode,
-            model_box=tab.model_box,
-            model_status=tab.model_status,
+        self.persona_view = Named.of(
+            tab, *self.out.names, "mode", "threshold", "k", "context_mode", "model_box", "model_status"
         )
 
     def _submit(self, engine: Engine, message, turns: list[dict], controls: Controls) -> tuple[str, Job]:
@@ -414,9 +400,8 @@ class ChatCallbacks:
     def load_model(self, name, adapter, pid, request: gr.Request | None = None):
         page = self.page
         engine = page.engine_for(pid)
-        refused = page.refusal(request)
+        refused = page.warned_refusal(request)
         if refused:  # checked here, not only by hiding the button: any client can call the event
-            gr.Warning(refused)
             return self.switched.values(model_status=f"⚠️ {refused} (still serving `{engine.model_label()}`)")
         name = (name or "").strip() or None
         adapter = None if adapter in (None, "", "default") else adapter

@@ -31,6 +31,11 @@ class Named:
         self.names = list(components)
         self.components = list(components.values())
 
+    @classmethod
+    def of(cls, owner, *names: str) -> Named:
+        """The components that `owner` (a tab) holds under these attribute names, by the same names."""
+        return cls(**{n: getattr(owner, n) for n in names})
+
     def values(self, **named) -> tuple:
         unknown = set(named) - set(self.names)
         if unknown:
@@ -119,6 +124,13 @@ class Page:
     def refusal(self, request: gr.Request | None) -> str | None:
         """None when the caller may administer, else the message it gets (the callback then changes nothing)."""
         return self.access.refusal(getattr(request, "username", None))
+
+    def warned_refusal(self, request: gr.Request | None) -> str | None:
+        """`refusal`, and when there is one, the caller also gets it as a Gradio warning."""
+        refused = self.refusal(request)
+        if refused:
+            gr.Warning(refused)
+        return refused
 
     def admin_only(self, make, *args, how: str = "hide", **kwargs):
         """An admin control: hidden ("hide") or read-only ("lock") for others. Until the page's load event

@@ -137,9 +137,8 @@ class KnowledgeCallbacks:
     def kb_edit(self, action, fid, text, questions, tags, query, how, pid, request: gr.Request | None = None):
         page = self.page
         engine = page.engine_for(pid)
-        refused = page.refusal(request)
+        refused = page.warned_refusal(request)
         if refused:  # checked here, not only by hiding the buttons: any client can call the event
-            gr.Warning(refused)
             return self.edited.values(status=f"⚠️ {refused}")
         fid = (fid or "").strip()
         try:

@@ -1,0 +1,1 @@
+"""Cross-encoder reranker training: (query, passage, label) pairs and the CPU training run."""
