@@ -18,6 +18,14 @@ from rag_persona.settings import KNOWLEDGE_ROOT
 from training.rerank.data import jaquad_pairs, persona_pairs, sentences, synthetic_personas
 from training.rerank.train import RerankerRecipe, train_reranker
 
+# JaQuAD/JSTS-format files written for these tests, so they do not depend on ../shared being present.
+DATASETS = Path(__file__).parent / "data" / "rerank_datasets"
+
+
+@pytest.fixture(autouse=True)
+def _datasets(monkeypatch):
+    monkeypatch.setenv("RAG_PERSONA_DATASETS", str(DATASETS))
+
 
 def test_sentences_split_at_japanese_sentence_ends():
     assert sentences("名前は小野寺絢音です。趣味はピアノです！\n好きな花は薔薇？短い。") == [
@@ -28,10 +36,16 @@ def test_sentences_split_at_japanese_sentence_ends():
 
 
 def test_jaquad_sentence_pairs_hold_the_answer_only_in_the_positive():
-    pairs = [p for p in jaquad_pairs(random.Random(0), 30, paragraph_share=0.0)]
+    pairs = jaquad_pairs(random.Random(0), 30, paragraph_share=0.0)
     assert pairs and {p.source for p in pairs} == {"jaquad-sentence"}
     questions = {p.query for p in pairs}
-    assert len(questions) == 30
+    assert len(questions) == 8  # every question of the file: each answer is inside one sentence
+    answers = {
+        json.loads(x)["query"]: json.loads(x)["answer"]
+        for x in (DATASETS / "jaquad" / "train_questions.jsonl").read_text().splitlines()
+    }
+    for p in pairs:
+        assert (answers[p.query] in p.passage) == (p.label == 1.0)
     for q in questions:
         mine = [p for p in pairs if p.query == q]
         assert sum(p.label for p in mine) == 1.0 and len(mine) >= 2
@@ -75,10 +89,15 @@ def test_bm25s_lexical_index_scores_coverage_for_words_and_bigrams():
 def tiny_reranker(tmp_path_factory) -> Path:
     """A real (very short) training run: two steps on a few dozen pairs, written like the shipped one."""
     out = tmp_path_factory.mktemp("rr") / "reranker"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAG_PERSONA_DATASETS", str(DATASETS))
     recipe = RerankerRecipe(
         jaquad_questions=8, jsts_pairs=4, personas=1, max_steps=2, batch_size=8, threads=1
     )
-    info = train_reranker(recipe, out, log=lambda msg: None)
+    try:
+        info = train_reranker(recipe, out, log=lambda msg: None)
+    finally:
+        mp.undo()
     assert info["steps"] == 2
     return out
 
@@ -106,6 +125,12 @@ def test_rerank_mode_scores_are_the_rerankers_probabilities(tiny_reranker):
     np.testing.assert_allclose([h.score for h in hits], probs, rtol=1e-5)
     ranking = Retriever(store, config).rankings(["たこ焼き屋はどこにあるの？"], depth=50)[0]
     assert sum(score > 0 for _, score in ranking) <= 5  # only rerank_depth candidates are re-scored
+
+
+def test_missing_training_data_is_one_error_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAG_PERSONA_DATASETS", str(tmp_path))
+    with pytest.raises(RagPersonaError, match="no such file"):
+        jaquad_pairs(random.Random(0), 3)
 
 
 def test_a_reranker_for_another_e5_file_or_a_missing_one_is_one_error_line(tiny_reranker, tmp_path):

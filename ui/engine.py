@@ -33,11 +33,12 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.evaluation.evaluate import resolve_adapter
 from rag_persona.generation import GenerationSettings, Reply, ReplyStream
 from rag_persona.prompts import MAX_HISTORY_TURNS, Persona, check_user_turn
+from rag_persona.retrieval.reranker import shipped_reranker_available
 from rag_persona.settings import KNOWLEDGE_ROOT, get_settings
 
 from .loading import Knowledge, Loader, ModelSlot, SearchAt
 
-RETRIEVAL_MODES = ("dense", "hybrid")
+RETRIEVAL_MODES = ("dense", "hybrid", "rerank") if shipped_reranker_available() else ("dense", "hybrid")
 CONTEXT_MODES = ("prompt", "xattn")
 DEFAULT_MAX_WAITING = 32
 

@@ -41,7 +41,12 @@ CALIBRATION: dict[tuple[str, str], Calibration] = {
 DEFAULT_THRESHOLDS: dict[str, float] = {"dense": 0.24, "hybrid": 0.19, "lexical": 0.28, "rerank": 0.5}
 
 
-def default_threshold(mode: str) -> float:
+def default_threshold(mode: str, reranker: str | None = None) -> float:
+    """The default for a mode; rerank reads the one chosen with the reranker's own calibration."""
+    if mode == "rerank":
+        from rag_persona.retrieval.reranker import reranker_threshold
+
+        return reranker_threshold(reranker, DEFAULT_THRESHOLDS["rerank"])
     return DEFAULT_THRESHOLDS[mode]
 
 

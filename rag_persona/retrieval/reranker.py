@@ -144,6 +144,13 @@ def load_reranker(folder: str | Path | None = None) -> Reranker:
         return _CACHE[key]
 
 
+def reranker_threshold(folder: str | Path | None, fallback: float) -> float:
+    """The default threshold written by calibration into a reranker's manifest (fallback: none written)."""
+    path = Path(folder or RERANKER_DIR) / MANIFEST
+    value = read_json(path).get("default_threshold") if path.is_file() else None
+    return float(value) if isinstance(value, int | float) else fallback
+
+
 def shipped_reranker_available() -> bool:
     """Whether the shipped reranker's files are present (a checkout without them falls back to hybrid)."""
     return (RERANKER_DIR / MANIFEST).is_file() and (RERANKER_DIR / WEIGHTS).is_file()

@@ -152,7 +152,7 @@ class Retriever:
             self.config.threshold = float(store.tuned_threshold(self.config.mode))
             self.threshold_source = "tuned"
         else:
-            self.config.threshold = default_threshold(self.config.mode)
+            self.config.threshold = default_threshold(self.config.mode, self.config.reranker)
             self.threshold_source = "default"
         self._lexical: LexicalIndex | None = None
         self._lock = threading.Lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections import defaultdict
@@ -11,7 +12,15 @@ from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
 
+# JaQuAD and JSTS as shipped next to the repository (../shared/datasets); RAG_PERSONA_DATASETS overrides.
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
+
+
+def datasets_root() -> Path:
+    """Where jaquad/ and jsts/ are: $RAG_PERSONA_DATASETS, else ../shared/datasets next to the repo."""
+    return Path(os.environ.get("RAG_PERSONA_DATASETS") or SHARED)
+
+
 SYNTHETIC = Path(__file__).resolve().parents[2] / "knowledge" / "_synthetic"
 _SENTENCE_END = re.compile(r"(?<=[。！？!?])|\n+")
 
@@ -47,11 +56,11 @@ def jaquad_pairs(
     """JaQuAD questions against short passages like persona facts (the sentence holding the answer vs
     other sentences of the same article) and, for a share of them, whole paragraphs (the answer's
     paragraph vs other paragraphs of the same article): hard negatives on the same topic."""
-    paragraphs = {p["id"]: p for p in _jsonl(SHARED / "jaquad" / "train_paragraphs.jsonl")}
+    paragraphs = {p["id"]: p for p in _jsonl(datasets_root() / "jaquad" / "train_paragraphs.jsonl")}
     by_title: dict[str, list[str]] = defaultdict(list)
     for pid, p in paragraphs.items():
         by_title[p["title"]].append(pid)
-    questions = _jsonl(SHARED / "jaquad" / "train_questions.jsonl")
+    questions = _jsonl(datasets_root() / "jaquad" / "train_questions.jsonl")
     rng.shuffle(questions)
     out: list[Pair] = []
     used = 0
@@ -84,7 +93,7 @@ def jaquad_pairs(
 
 def jsts_pairs(rng: random.Random, n: int) -> list[Pair]:
     """JSTS sentence pairs with the human similarity (0-5) as a soft label: paraphrase vs near miss."""
-    rows = _jsonl(SHARED / "jsts" / "train.jsonl")
+    rows = _jsonl(datasets_root() / "jsts" / "train.jsonl")
     rng.shuffle(rows)
     return [Pair(r["sentence1"], r["sentence2"], float(r["score"]) / 5.0, "jsts") for r in rows[:n]]
 

@@ -1,0 +1,152 @@
+"""Persona model v2: base vs v1 vs v2 SFT vs v2 SFT+DPO on the v2 held-out prompts, on the llama.cpp engine.
+
+Each variant answers every held-out prompt of `rag-persona build-data --dialogues
+dialogues.jsonl,dialogues_v2.jsonl` (eval_prompts.jsonl: conversations no training run saw) through the chat
+path users get: the persona index with conversation-aware retrieval, the one prompt builder, the default
+decoding, llama.cpp with the adapter as a GGUF LoRA. Metrics: rag_persona/evaluation (style, EOS, identity,
+single-turn and follow-up fact accuracy, invented specifics, malformed Japanese, off-topic handling, length)
+and the median seconds per reply.
+
+    python bench/persona_v2.py [--prompts runs/data-v2/eval_prompts.jsonl] [--variants base,v1,v2-sft,v2-dpo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "base": ("qwen2.5-coder-0.5b", "none"),
+    "v1": ("qwen2.5-coder-0.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-0.5b")),
+    "v2-sft": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "sft-v2-0.5b-cpu")),
+    "v2-dpo": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "dpo-v2-0.5b-cpu")),
+    "1.5b-base": ("qwen2.5-coder-1.5b", "none"),
+}
+LABELS = {
+    "base": "0.5B base",
+    "v1": "0.5B v1 SFT+DPO (shipped before)",
+    "v2-sft": "0.5B v2 SFT",
+    "v2-dpo": "0.5B v2 SFT+DPO",
+    "1.5b-base": "1.5B base",
+}
+# (key, header, format, goal text)
+COLUMNS = [
+    ("style_rate", "style", "{:.2f}", "≥ 0.95"),
+    ("eos_rate", "EOS", "{:.2f}", "1.00"),
+    ("identity_accuracy", "identity", "{:.2f}", "1.00"),
+    ("single_fact_accuracy", "fact (single turn)", "{:.2f}", "≥ 0.90"),
+    ("followup_fact_accuracy", "fact (follow-up)", "{:.2f}", "≥ 0.85"),
+    ("invented_rate", "invented specifics", "{:.2f}", "≤ 0.05"),
+    ("malformed_rate", "malformed", "{:.2f}", "≤ 0.02"),
+    ("offtopic_handling", "off-topic handled", "{:.2f}", "≥ 0.90"),
+    ("median_chars", "median chars", "{:.0f}", "15–45"),
+    ("median_seconds", "median s/reply", "{:.2f}", "≤ 2 (API)"),
+]
+
+
+def split_facts(prompts: list[dict], replies: list[dict]) -> dict:
+    """Fact accuracy on single-turn prompts and on follow-ups (prompts with a conversation before them)."""
+    single, follow = [], []
+    for p, r in zip(prompts, replies, strict=True):
+        if r.get("fact_correct") is None:
+            continue
+        (follow if p.get("history") else single).append(bool(r["fact_correct"]))
+    rate = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    return {
+        "single_fact_accuracy": rate(single),
+        "n_single_fact": len(single),
+        "followup_fact_accuracy": rate(follow),
+        "n_followup_fact": len(follow),
+    }
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    head = "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    goal = "| goal | " + " | ".join(c[3] for c in COLUMNS) + " |"
+    sep = "|---|" + "---:|" * len(COLUMNS)
+    lines = [head, sep, goal]
+    for name, s in rows:
+        cells = ["–" if s.get(k) is None else fmt.format(s[k]) for k, _, fmt, _ in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", default=str(ROOT / "runs" / "data-v2" / "eval_prompts.jsonl"))
+    ap.add_argument("--variants", default="base,v1,v2-sft,v2-dpo")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "persona_v2.md"))
+    args = ap.parse_args(argv)
+
+    from rag_persona.evaluation.evaluate import run_evaluation
+
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    prompts = [
+        json.loads(x) for x in Path(args.prompts).read_text(encoding="utf-8").splitlines() if x.strip()
+    ]
+    prompts = prompts[: args.limit] if args.limit else prompts
+    rows, reports = [], {}
+    for key in args.variants.split(","):
+        model, adapter = VARIANTS[key]
+        log(f"{key}: {model} + {adapter}")
+        started = time.perf_counter()
+        report = run_evaluation(
+            args.prompts, model=model, adapter=adapter, engine="llama.cpp", limit=args.limit, progress=log
+        )
+        summary = {**report["summary"], **split_facts(prompts, report["replies"])}
+        summary["median_seconds"] = statistics.median(r["seconds"] for r in report["replies"])
+        summary["wall_s"] = round(time.perf_counter() - started, 1)
+        rows.append((LABELS[key], summary))
+        reports[key] = report
+        print(table(rows), flush=True)
+    n = len(prompts)
+    kinds: dict[str, int] = {}
+    for p in prompts:
+        kinds[p.get("kind", "?")] = kinds.get(p.get("kind", "?"), 0) + 1
+    text = [
+        "# Persona model v2 (issue 19): base vs v1 vs v2, llama.cpp engine",
+        "",
+        f"`python bench/persona_v2.py` — {n} held-out prompts ({args.prompts}; kinds: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+        + "), default persona index and decoding, Q4_K_M GGUF + GGUF LoRA, 2 CPU cores, "
+        + time.strftime("%Y-%m-%d %H:%M"),
+        "",
+        table(rows),
+        "",
+        "Counts: "
+        + "; ".join(
+            f"{name}: identity {s.get('n_identity')}, single-turn fact {s.get('n_single_fact')}, "
+            f"follow-up fact {s.get('n_followup_fact')}, off-topic {s.get('n_offtopic')}"
+            for name, s in rows[:1]
+        ),
+        "",
+        "## Replies (first 16 prompts)",
+        "",
+        "| query | " + " | ".join(LABELS[k] for k in reports) + " |",
+        "|---|" + "---|" * len(reports),
+    ]
+    for i, p in enumerate(prompts[:16]):
+        cells = [
+            reports[k]["replies"][i]["reply"].replace("\n", " ").replace("|", "\\|")[:70] for k in reports
+        ]
+        text.append(f"| {p['query']} | " + " | ".join(cells) + " |")
+    out = Path(args.out)
+    out.write_text("\n".join(text) + "\n", encoding="utf-8")
+    out.with_suffix(".json").write_text(
+        json.dumps({"summary": dict(rows), "reports": reports}, ensure_ascii=False, indent=1),
+        encoding="utf-8",
+    )
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
