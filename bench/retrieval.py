@@ -390,7 +390,7 @@ def scale_section(embedder, sizes: list[int], full_embed: bool, sample: int = 51
             "save_s": save_s,
             "load_s": load_s,
         }
-        for mode in ("dense", "hybrid"):
+        for mode in MODES_COMPARED:
             r = Retriever(loaded, RetrievalConfig(mode=mode, threshold=0.0, k=DEFAULT_K))
             started = time.perf_counter()
             r.search(queries[0])  # builds the lexical index for hybrid
@@ -605,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
             ("hybrid_first_s", "hybrid 1st query s (BM25 build)", ".1f"),
             ("hybrid_p50_ms", "hybrid p50 ms", ".1f"),
             ("hybrid_p95_ms", "hybrid p95 ms", ".1f"),
+            ("rerank_p50_ms", "rerank p50 ms", ".1f"),
+            ("rerank_p95_ms", "rerank p95 ms", ".1f"),
         ]
         out += [
             "## Scale (synthetic facts)",

@@ -10,6 +10,7 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge import load_queries
 from rag_persona.retrieval import (
     DEFAULT_K,
+    DEFAULT_MODE,
     DEFAULT_THRESHOLDS,
     LexicalIndex,
     RetrievalConfig,
@@ -21,6 +22,7 @@ from rag_persona.retrieval import (
     retriever_for,
     tune_threshold,
 )
+from rag_persona.retrieval.calibration import default_threshold
 from rag_persona.settings import KNOWLEDGE_ROOT
 
 DATA = Path(__file__).parent / "data"
@@ -103,9 +105,9 @@ def test_config_validation():
 
 def test_retriever_for_prefers_the_tuned_threshold(persona_b):
     store = build_store(PERSONA_B, persona_b.embedder)
-    assert retriever_for(store).threshold == DEFAULT_THRESHOLDS["hybrid"]
+    assert retriever_for(store).threshold == default_threshold(DEFAULT_MODE)
     assert retriever_for(store).k == DEFAULT_K
-    store.set_threshold("hybrid", 0.5)
+    store.set_threshold(DEFAULT_MODE, 0.5)
     tuned = retriever_for(store)
     assert (tuned.threshold, tuned.threshold_source) == (0.5, "tuned")
     assert retriever_for(store, threshold=0.7).threshold_source == "explicit"

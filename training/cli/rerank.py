@@ -17,7 +17,7 @@ def train_reranker_cmd(
     jaquad_questions: Annotated[int, typer.Option(help="JaQuAD questions to draw pairs from.")] = 3000,
     jsts_pairs: Annotated[int, typer.Option(help="JSTS pairs (soft labels).")] = 1500,
     train_layers: Annotated[int, typer.Option(help="Top e5 layers to train (with the head).")] = 6,
-    max_steps: Annotated[int, typer.Option(help="Stop after N steps (-1: one epoch).")] = -1,
+    max_steps: Annotated[int, typer.Option(help="Stop after N steps (-1: one epoch).")] = 800,
     batch_size: Annotated[int, typer.Option()] = 16,
     learning_rate: Annotated[float, typer.Option()] = 5e-5,
     threads: Annotated[int, typer.Option(help="CPU threads (1 on a busy machine).")] = 2,
