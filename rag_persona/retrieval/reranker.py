@@ -1,5 +1,4 @@
-"""A cross-encoder over (query, fact) pairs: the bundled e5-small with trained top layers and a 1-logit head;
-its logit, fused with the first stage's (hybrid) logit and calibrated, is the retrieval score."""
+"""A cross-encoder (e5-small, trained top layers + 1-logit head) scoring (query, fact) pairs, fused with the hybrid."""
 
 from __future__ import annotations
 
