@@ -47,10 +47,11 @@ class LexicalIndex:
     """BM25 (bm25s, Lucene variant) over tokens of key rows, scored as an IDF-weighted *coverage* of the
     query in [0, 1].
 
-    Raw BM25 grows with query length and corpus statistics. Dividing by the query's own maximum (every
-    query token present once in a key of average length: idf x 1/(1 + k1) per token under Lucene's term
-    weight) gives the share of the query's information that a key matches: 1.0 means every token of the
-    query is there, on any corpus. A token repeated in a short key can push a key past 1; it is clipped.
+    Raw BM25 grows with query length and corpus statistics. Each query token's BM25 term score is capped
+    at what one occurrence in a key of average length earns (its idf: Lucene's term weight x (1 + k1)), and
+    the sum is divided by the query's total idf: the share of the query's information that a key matches,
+    1.0 when every token is there, on any corpus. The cap keeps a word repeated in a long passage from
+    standing in for words the passage lacks (measured on JSQuAD: lexical top-1 0.867 uncapped vs 0.903).
     """
 
     def __init__(self, texts: Sequence[str], k1: float = 1.2, b: float = 0.75, tokens: str = DEFAULT_TOKENS):
@@ -78,9 +79,12 @@ class LexicalIndex:
     def scores(self, query: str) -> np.ndarray:
         """Coverage for every key row (zeros where no query token occurs)."""
         terms = list(dict.fromkeys(self._tokenize(query)))
-        norm = sum(self.idf(t) for t in terms) / (1.0 + self.k1)
-        known = [self._vocab[t] for t in terms if t in self._df] if self._bm25 is not None else []
-        if not known or norm <= 0:
-            return np.zeros(self.n, dtype=np.float64)
-        raw = self._bm25.get_scores_from_ids(known).astype(np.float64)
-        return np.minimum(raw / norm, 1.0)
+        norm = sum(self.idf(t) for t in terms)
+        out = np.zeros(self.n, dtype=np.float64)
+        if self._bm25 is None or norm <= 0:
+            return out
+        for t in terms:
+            if t in self._df:
+                term = self._bm25.get_scores_from_ids([self._vocab[t]]).astype(np.float64)
+                out += np.minimum(term * (1.0 + self.k1), self.idf(t))
+        return out / norm
