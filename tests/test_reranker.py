@@ -79,7 +79,7 @@ def test_bm25s_lexical_index_scores_coverage_for_words_and_bigrams():
     assert words.scores("趣味は？")[1] == pytest.approx(1.0) and words.scores("趣味は？")[0] == 0.0
     grams = LexicalIndex(["名前は小野寺絢音。", "趣味はピアノと乗馬。"], tokens="bigrams")
     s = grams.scores("ピアノ")
-    assert s[1] == pytest.approx(1.0) and s[0] == 0.0  # each bigram once: capped at a full share
+    assert 0.9 < s[1] <= 1.0 and s[0] == 0.0  # both bigrams, once, in a key a little longer than average
     assert bigram_tokens("a b") == ["ab"]
     with pytest.raises(RagPersonaError, match="tokens"):
         LexicalIndex(["x"], tokens="trigrams")
