@@ -36,8 +36,8 @@ CALIBRATION: dict[tuple[str, str], Calibration] = {
 }
 # F1-optimal on the ojousama dev split with every fact's questions removed (a minimal-form persona),
 # k = DEFAULT_K; the middle of the near-best plateau. tune-threshold refines them per index.
-# rerank: the reranker's Platt-calibrated probability (fitted on dev sets of several personas), so one
-# value carries across personas; chosen on the same dev sets (bench/retrieval.py).
+# rerank: only a fallback; a reranker's manifest carries the threshold chosen with its own calibration
+# (the fusion of its logit with the hybrid's, fitted on the ojousama and kansai dev sets: 0.33 shipped).
 DEFAULT_THRESHOLDS: dict[str, float] = {"dense": 0.24, "hybrid": 0.19, "lexical": 0.28, "rerank": 0.5}
 
 
