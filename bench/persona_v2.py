@@ -25,13 +25,13 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "base": ("qwen2.5-coder-0.5b", "none"),
     "v1": ("qwen2.5-coder-0.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-0.5b")),
-    "v2-sft": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "sft-v2-0.5b-cpu")),
+    "v2-sft": ("qwen2.5-coder-0.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-0.5b-v2")),
     "v2-dpo": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "dpo-v2-0.5b-cpu")),
     "1.5b-base": ("qwen2.5-coder-1.5b", "none"),
 }
 LABELS = {
     "base": "0.5B base",
-    "v1": "0.5B v1 SFT+DPO (shipped before)",
+    "v1": "0.5B v1 SFT+DPO (default)",
     "v2-sft": "0.5B v2 SFT",
     "v2-dpo": "0.5B v2 SFT+DPO",
     "1.5b-base": "1.5B base",
