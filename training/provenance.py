@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
-from pathlib import Path
 
+from rag_persona.utils.io import file_sha256
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file, read in 16 MiB chunks (model weights do not fit in memory twice)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["file_sha256", "versions"]
 
 
 def versions(*extra: str) -> dict:

