@@ -2,11 +2,11 @@
 
 For each card (written for the tests, never tuned for): `rag-persona persona import` → the persona's index
 (built on first use) → six fact questions through `evaluate` (retrieval + the one prompt builder +
-generation on the default engine; a card persona has no adapter, so the base model with the card's
-instruction) → fact accuracy, the card's own register (its style markers) and the お嬢様 register (which
+generation on the default engine; a card persona has no adapter of its own, so the chat applies the shipped
+role-play adapter when there is one, and `--adapters none` gives the base model) → fact accuracy, the card's own register (its style markers) and the お嬢様 register (which
 must not leak in). Issue goal: ≥ 5 of 6 facts and the register in ≥ 4 of 6 replies, per card.
 
-    python bench/cards.py [--cards samurai_ronin,student_casual] [--engine auto] [--out bench/results/cards.md]
+    python bench/cards.py [--cards samurai_ronin,student_casual] [--adapters none,default] [--engine auto]
 """
 
 from __future__ import annotations
@@ -49,7 +49,27 @@ QUESTIONS = {
         ("お父さんは今何してるの？", "仕込み"),
         ("好きな野球チームは？", "阪神"),
     ],
+    # Registers no training persona speaks (knowledge/_synthetic, kansai, ojousama): 博多弁 and オネエ言葉.
+    "hakata_ramen": [
+        ("屋台ってどのへんに出してるの？目印とかある？", "春吉橋"),
+        ("このお店っていつ頃からやってるの？", "1978"),
+        ("ラーメン一杯っていくらするの？", "700円"),
+        ("スープってどのくらい煮込んでるの？", "18時間"),
+        ("野球ってどこのチームを応援してるの？", "ホークス"),
+        ("ひとりでお店回してるの？誰か手伝ってくれる人いる？", "颯太"),
+    ],
+    "onee_bar": [
+        ("ママってどこの生まれなの？", "横手"),
+        ("このお店、何年からやってるの？", "2006"),
+        ("今日は何を飲もうかな。ママのおすすめってある？", "梅酒"),
+        ("お店を始める前は何の仕事してたの？", "銀座"),
+        ("ママって家で動物とか飼ってる？", "モンブラン"),
+        ("カラオケ行ったら誰の歌を歌うの？", "中島みゆき"),
+    ],
 }
+# Whether a persona the role-play adapter trained on speaks the card's register (a different character:
+# samurai-kagetora, student-haruto, the shipped kansai persona); the other two registers it never saw.
+REGISTER_IN_TRAINING = {"samurai_ronin": "yes", "student_casual": "yes", "kansai_kushikatsu": "yes"}
 
 
 def run(cmd: list[str]) -> str:
@@ -79,6 +99,11 @@ def main() -> None:
     p.add_argument("--cards", default=",".join(QUESTIONS))
     p.add_argument("--engine", default="auto")
     p.add_argument("--model", default=None)
+    p.add_argument(
+        "--adapters",
+        default="none,default",
+        help="Comma-separated: none (the base model), default (what the chat picks for a card) or a folder.",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "cards.md")
     args = p.parse_args()
     exe = str(Path(sys.executable).with_name("rag-persona"))
@@ -88,33 +113,46 @@ def main() -> None:
             folder = Path(tmp) / card
             run([exe, "persona", "import", str(CARDS / f"{card}.json"), "--out", str(folder)])
             persona = json.loads((folder / "persona.json").read_text(encoding="utf-8"))
-            cmd = [exe, "evaluate", "--prompts", str(prompts_for(card, folder)), "--persona", str(folder)]
-            cmd += ["--engine", args.engine, "--json"] + (["--model", args.model] if args.model else [])
-            started = time.perf_counter()
-            report = json.loads(run(cmd))
-            seconds = time.perf_counter() - started
-            s = report["summary"]
-            results = report.get("replies", [])
-            n = s["n"]
-            facts_right = round((s["fact_accuracy"] or 0) * s["n_fact"])
-            in_register = round((s["style_rate"] or 0) * n)
-            rows.append(
-                f"| {card} | {persona['name']} | {', '.join(persona['style'].get('markers', [])[:6])} | "
-                f"{facts_right}/{s['n_fact']} | {in_register}/{n} | {s['foreign_register_rate']} | "
-                f"{s['eos_rate']} | {s['median_chars']} | {seconds:.0f} |"
-            )
-            details[card] = {"persona": persona["name"], "summary": s, "replies": results}
-            print(rows[-1], flush=True)
+            for adapter in args.adapters.split(","):
+                cmd = [exe, "evaluate", "--prompts", str(prompts_for(card, folder)), "--persona", str(folder)]
+                cmd += ["--engine", args.engine, "--json"] + (["--model", args.model] if args.model else [])
+                cmd += [] if adapter == "default" else ["--adapter", adapter]
+                started = time.perf_counter()
+                report = json.loads(run(cmd))
+                seconds = time.perf_counter() - started
+                s = report["summary"]
+                n = s["n"]
+                facts_right = round((s["fact_accuracy"] or 0) * s["n_fact"])
+                in_register = round((s["style_rate"] or 0) * n)
+                used = report.get("setup", {}).get("adapter") or adapter
+                rows.append(
+                    f"| {card} | {persona['name']} | {REGISTER_IN_TRAINING.get(card, 'no')} | "
+                    f"{', '.join(persona['style'].get('markers', [])[:6])} | {Path(str(used)).name} | "
+                    f"{facts_right}/{s['n_fact']} | {in_register}/{n} | {s['foreign_register_rate']} | "
+                    f"{s['eos_rate']} | {s['median_chars']} | {seconds:.0f} |"
+                )
+                details[f"{card}/{adapter}"] = {
+                    "persona": persona["name"],
+                    "adapter": used,
+                    "summary": s,
+                    "replies": [
+                        {k: r.get(k) for k in ("query", "reply", "fact_correct", "ended_by_eos")}
+                        for r in report.get("replies", [])
+                    ],
+                }
+                print(rows[-1], flush=True)
     header = [
-        "| card | character | style markers (first 6) | facts right | own register | お嬢様 markers | EOS | median chars | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| card | character | register in role-play training | style markers (first 6) | adapter | facts right "
+        "| own register | お嬢様 markers | EOS | median chars | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    engine = f"engine {args.engine}, model {args.model or 'default (base, no adapter: cards have none)'}"
+    engine = f"engine {args.engine}, model {args.model or 'default'}"
     text = "\n".join(
         [
             "# Character cards: import → index → chat (bench/cards.py)",
             "",
-            f"Cards from tests/data/cards (never tuned for), six fact questions each, {engine}.",
+            f"Cards from tests/data/cards (never tuned for), six fact questions each, {engine}; adapter none is",
+            "the base model, default is what the chat applies to a card (a persona without its own adapter).",
             "Goal (issue 20): ≥ 5/6 facts right and the card's register in ≥ 4/6 replies, no お嬢様 endings.",
             "",
             *header,

@@ -200,6 +200,15 @@ def test_the_ojousama_adapter_is_not_the_kansai_personas_default(tmp_path, monke
     (folder / "rag_persona_adapter.json").write_text(json.dumps(manifest))
     assert default_adapter("m1", "ojousama", root=tmp_path) == str(folder)
     assert default_adapter("m1", "kansai", root=tmp_path) is None
+    # a role-play adapter (persona "*") serves every persona without its own, never one that has one
+    roleplay = tmp_path / "roleplay-m1"
+    roleplay.mkdir()
+    (roleplay / "rag_persona_adapter.json").write_text(
+        json.dumps({"default": True, "base_model": "m1", "persona": "*"})
+    )
+    assert default_adapter("m1", "kansai", root=tmp_path) == str(roleplay)
+    assert default_adapter("m1", "ojousama", root=tmp_path) == str(folder)
+    assert default_adapter("m2", "kansai", root=tmp_path) is None  # trained on another base model
 
 
 # -- the shipped second persona -----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ MODES = ("prompt", "xattn")
 ADAPTERS_ROOT = REPO_ROOT / "adapters"
 ADAPTER_MANIFEST = "rag_persona_adapter.json"
 NO_ADAPTER = ("none", "base", "")
+ANY_PERSONA = "*"  # a shipped adapter for every persona that names none of its own (the role-play adapter)
 
 
 # -- the default adapter ---------------------------------------------------------------------------------
@@ -58,9 +59,11 @@ def default_adapter(
     named = persona_adapter(Persona.load(card), model, root) if card.is_file() else None
     if named:
         return named
-    for info in shipped_adapters(root):
-        if info.get("default") and info.get("base_model") == model and info.get("persona") == persona:
-            return info["path"]
+    defaults = [a for a in shipped_adapters(root) if a.get("default") and a.get("base_model") == model]
+    for wanted in (persona, ANY_PERSONA):
+        for info in defaults:
+            if info.get("persona") == wanted:
+                return info["path"]
     return None
 
 

@@ -15,7 +15,13 @@ def build_data(
     index: Annotated[
         Path | None, typer.Option("--index", help="Index folder (default persona index).")
     ] = None,
-    persona: Annotated[str | None, typer.Option("--persona")] = None,
+    persona: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--persona",
+            help="Persona id or folder; repeat it (or name a folder of persona folders) for one mixed set.",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     distractor_rate: Annotated[
         float, typer.Option(help="Share of examples given extra distractor facts.")
@@ -46,24 +52,26 @@ def build_data(
     ] = "dialogues.jsonl",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Regenerate SFT and DPO data (D0 plain, D1 お嬢様, D2 both) from the knowledge base."""
+    """Regenerate SFT and DPO data (D0 plain, D1 the persona's register, D2 both) from the knowledge base;
+    several personas: each built under OUT/personas/<id>, their rows mixed into OUT."""
     from training.data.build import DataConfig, build_datasets
+    from training.data.mix import build_mixed, expand_personas
 
-    manifest = build_datasets(
-        DataConfig(
-            out=out,
-            index=index,
-            persona=persona,
-            seed=seed,
-            distractor_rate=distractor_rate,
-            drop_golden_rate=drop_golden_rate,
-            eval_share=eval_share,
-            augment_paraphrases=augment_paraphrases,
-            teacher=teacher,
-            fact_questions=fact_questions,
-            dialogues=[d.strip() for d in dialogues.split(",") if d.strip()],
-        )
+    personas = expand_personas(persona or [])
+    config = DataConfig(
+        out=out,
+        index=index,
+        persona=personas[0] if len(personas) == 1 else None,
+        seed=seed,
+        distractor_rate=distractor_rate,
+        drop_golden_rate=drop_golden_rate,
+        eval_share=eval_share,
+        augment_paraphrases=augment_paraphrases,
+        teacher=teacher,
+        fact_questions=fact_questions,
+        dialogues=[d.strip() for d in dialogues.split(",") if d.strip()],
     )
+    manifest = build_mixed(config, personas) if len(personas) > 1 else build_datasets(config)
     if as_json:
         echo_json(manifest)
     else:
