@@ -17,12 +17,12 @@ how long a reply is (reply_length), and how to treat the facts that may follow.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.utils.io import read_json
 from rag_persona.utils.text import unicode_problem
 
 # Bump when the wording or layout changes: data manifests record it, so stale datasets are visible.
@@ -155,13 +155,7 @@ class Persona:
     def load(cls, path: str | Path) -> Persona:
         path = Path(path)
         file = path / PERSONA_FILE if path.is_dir() else path
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RagPersonaError(f"{file}: persona file not found") from None
-        except json.JSONDecodeError as exc:
-            raise RagPersonaError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-        return cls.from_dict(data, str(file), folder=file.parent)
+        return cls.from_dict(read_json(file, missing="persona file not found"), str(file), folder=file.parent)
 
     @classmethod
     def from_dict(cls, data, where: str = PERSONA_FILE, folder: Path | None = None) -> Persona:

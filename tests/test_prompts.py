@@ -64,5 +64,5 @@ def test_malformed_persona_file_names_file_and_field(tmp_path):
     with pytest.raises(RagPersonaError, match=r"persona.json: field 'name'"):
         Persona.load(tmp_path)
     (tmp_path / "persona.json").write_text('{"id": ')
-    with pytest.raises(RagPersonaError, match=r"persona.json:1: invalid JSON"):
+    with pytest.raises(RagPersonaError, match=r"persona.json:1: malformed JSON"):
         Persona.load(tmp_path)

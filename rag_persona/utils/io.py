@@ -168,13 +168,13 @@ def _swap(work: Path, out: Path) -> None:
     fsync_path(out.parent)
 
 
-def read_json(path: str | Path) -> dict:
+def read_json(path: str | Path, missing: str = "no such file") -> dict:
     """One JSON object from a file, or one line naming the file and what is wrong."""
     path = Path(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RagPersonaError(f"{path}: no such file") from None
+        raise RagPersonaError(f"{path}: {missing}") from None
     except json.JSONDecodeError as exc:
         raise RagPersonaError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
