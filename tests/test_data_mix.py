@@ -62,3 +62,28 @@ def test_expand_and_refusals(personas, tmp_path):
     assert not (tmp_path / "twice").exists()
     with pytest.raises(RagPersonaError, match="--index names one persona's index"):
         build_mixed(DataConfig(out=tmp_path / "idx", index=tmp_path), both)
+
+
+def test_synthetic_dialogues_speak_each_personas_register_and_cite_its_facts():
+    """The role-play adapter's training set: every invented character answers in its own register."""
+    from rag_persona.knowledge.facts import load_knowledge
+    from rag_persona.prompts import Persona
+    from training.data.dialogues import load_dialogues
+    from training.rerank.data import synthetic_personas
+
+    folders = synthetic_personas()
+    assert len(folders) >= 25
+    for folder in folders:
+        persona = Persona.load(folder)
+        conversations = load_dialogues(folder / "dialogues.jsonl", set(load_knowledge(folder).ids))
+        kinds = [c.kind for c in conversations]
+        assert len(conversations) >= 32 and kinds.count("fact") >= 18 and kinds.count("refusal") >= 4, folder
+        turns = [t for c in conversations for t in c.turns]
+        # style.markers is what the persona metrics count; it lists a character's most telling words, not
+        # every ending it uses (the lowest persona, gamer-kotaro, is at 0.74; its other replies end in 〜わ/草)
+        in_register = sum(any(m in t.ojousama for m in persona.markers) for t in turns) / len(turns)
+        assert in_register >= 0.7, (folder.name, in_register)
+        test_queries = {
+            json.loads(line)["query"] for line in (folder / "queries" / "test.jsonl").read_text().splitlines()
+        }
+        assert not test_queries & {t.user for t in turns}, folder.name  # held-out wordings stay held out
