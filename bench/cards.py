@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "tests" / "data" / "cards"
+KNOWLEDGE = ROOT / "knowledge"
+SHIPPED = ("kansai",)  # shipped personas measured the same way (questions from their held-out test split)
 RESULTS = ROOT / "bench" / "results"
 
 # (question a user would ask, a snippet of the lorebook fact that answers it)
@@ -69,7 +72,12 @@ QUESTIONS = {
 }
 # Whether a persona the role-play adapter trained on speaks the card's register (a different character:
 # samurai-kagetora, student-haruto, the shipped kansai persona); the other two registers it never saw.
-REGISTER_IN_TRAINING = {"samurai_ronin": "yes", "student_casual": "yes", "kansai_kushikatsu": "yes"}
+REGISTER_IN_TRAINING = {
+    "samurai_ronin": "yes",
+    "student_casual": "yes",
+    "kansai_kushikatsu": "yes",
+    "kansai": "same persona (its test questions held out)",
+}
 
 
 def run(cmd: list[str]) -> str:
@@ -79,6 +87,20 @@ def run(cmd: list[str]) -> str:
             f"{' '.join(cmd[:4])}…: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}"
         )
     return proc.stdout
+
+
+def shipped_prompts(persona: str, out: Path, n: int = 6) -> Path:
+    """A shipped persona's six questions: a seeded sample of its held-out test queries about one fact."""
+    queries = [
+        json.loads(line)
+        for line in (KNOWLEDGE / persona / "queries" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    single = [q for q in queries if len(q.get("relevant", [])) == 1]
+    picked = random.Random(0).sample(single, n)
+    rows = [{"query": q["query"], "golden_ids": q["relevant"], "kind": "fact"} for q in picked]
+    path = out / f"{persona}-prompts.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def prompts_for(card: str, folder: Path) -> Path:
@@ -96,7 +118,7 @@ def prompts_for(card: str, folder: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cards", default=",".join(QUESTIONS))
+    p.add_argument("--cards", default=",".join([*QUESTIONS, *SHIPPED]))
     p.add_argument("--engine", default="auto")
     p.add_argument("--model", default=None)
     p.add_argument(
@@ -110,11 +132,15 @@ def main() -> None:
     rows, details = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for card in args.cards.split(","):
-            folder = Path(tmp) / card
-            run([exe, "persona", "import", str(CARDS / f"{card}.json"), "--out", str(folder)])
+            if card in SHIPPED:
+                folder, prompts = KNOWLEDGE / card, shipped_prompts(card, Path(tmp))
+            else:
+                folder = Path(tmp) / card
+                run([exe, "persona", "import", str(CARDS / f"{card}.json"), "--out", str(folder)])
+                prompts = prompts_for(card, folder)
             persona = json.loads((folder / "persona.json").read_text(encoding="utf-8"))
             for adapter in args.adapters.split(","):
-                cmd = [exe, "evaluate", "--prompts", str(prompts_for(card, folder)), "--persona", str(folder)]
+                cmd = [exe, "evaluate", "--prompts", str(prompts), "--persona", str(folder)]
                 cmd += ["--engine", args.engine, "--json"] + (["--model", args.model] if args.model else [])
                 cmd += [] if adapter == "default" else ["--adapter", adapter]
                 started = time.perf_counter()
@@ -151,7 +177,8 @@ def main() -> None:
         [
             "# Character cards: import → index → chat (bench/cards.py)",
             "",
-            f"Cards from tests/data/cards (never tuned for), six fact questions each, {engine}; adapter none is",
+            f"Cards from tests/data/cards (never tuned for) and the shipped kansai persona (six of its held-out test",
+            f"queries), six fact questions each, {engine}; adapter none is",
             "the base model, default is what the chat applies to a card (a persona without its own adapter).",
             "Goal (issue 20): ≥ 5/6 facts right and the card's register in ≥ 4/6 replies, no お嬢様 endings.",
             "",
