@@ -177,7 +177,7 @@ def main() -> None:
         [
             "# Character cards: import → index → chat (bench/cards.py)",
             "",
-            f"Cards from tests/data/cards (never tuned for) and the shipped kansai persona (six of its held-out test",
+            "Cards from tests/data/cards (never tuned for) and the shipped kansai persona (six of its held-out test",
             f"queries), six fact questions each, {engine}; adapter none is",
             "the base model, default is what the chat applies to a card (a persona without its own adapter).",
             "Goal (issue 20): ≥ 5/6 facts right and the card's register in ≥ 4/6 replies, no お嬢様 endings.",
