@@ -137,11 +137,12 @@ def test_personas_with_the_same_model_and_adapter_share_one_load(served, home, t
     assert three.get("ojousama").slot is three.get("kansai").slot is not three.get("card").slot
     assert len(three.get("card").store.facts) == 5
 
-    # the default model: the shipped adapter for ojousama, the plain base model for kansai
+    # the default model: the shipped adapter for ojousama, the shipped role-play adapter for kansai
     loader = CountingLoader()
     default = serve_personas(["ojousama", "kansai"], None, loader=loader, progress=lambda m: None)
     shipped = str(KNOWLEDGE_ROOT.parent / "adapters" / "ojousama-qwen2.5-coder-0.5b")
-    assert loader.calls == [(None, shipped), (None, None)]
+    roleplay = str(KNOWLEDGE_ROOT.parent / "adapters" / "roleplay-qwen2.5-coder-0.5b")
+    assert loader.calls == [(None, shipped), (None, roleplay)]
     assert len(default.models()) == 2
     for p in (three, default):
         p.close()

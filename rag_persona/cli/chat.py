@@ -40,7 +40,7 @@ EngineOpt = Annotated[
 
 def open_chat_engine(engine: str, model: str | None, adapter: str | None, persona: str | None = None):
     """The chat model on the chosen engine, with the persona's default adapter unless one (or 'none') is
-    named (a persona without its own adapter chats on the base model with its instruction)."""
+    named (a persona without its own adapter gets the shipped role-play adapter, else the base model)."""
     from rag_persona.evaluation.evaluate import resolve_adapter
     from rag_persona.generation.engines import open_engine
 

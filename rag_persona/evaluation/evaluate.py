@@ -47,7 +47,9 @@ def default_adapter(
     RAG_PERSONA_CHAT_ADAPTER wins (a folder, or "none" for the plain base model); then the adapter the
     persona's persona.json names (`persona_adapter`); otherwise the shipped adapter whose manifest names
     this base model and persona as its default. Only the default chat model gets one unless a shipped
-    adapter names the model given; a persona no adapter names gets the plain base model.
+    adapter names the model given. A persona no adapter names gets the shipped role-play adapter (persona
+    "*": trained on many characters to speak in whatever register the persona's prompt describes), else the
+    plain base model.
     """
     env = os.environ.get("RAG_PERSONA_CHAT_ADAPTER")
     if env is not None:
