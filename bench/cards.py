@@ -26,50 +26,9 @@ KNOWLEDGE = ROOT / "knowledge"
 SHIPPED = ("kansai",)  # shipped personas measured the same way (questions from their held-out test split)
 RESULTS = ROOT / "bench" / "results"
 
-# (question a user would ask, a snippet of the lorebook fact that answers it)
-QUESTIONS = {
-    "samurai_ronin": [
-        ("どこの生まれですか？", "美濃国"),
-        ("剣の流派は何ですか？", "一刀流"),
-        ("今はどんな仕事をしているのですか？", "寺子屋"),
-        ("好きな食べ物は何ですか？", "もり蕎麦"),
-        ("どこに住んでいるのですか？", "深川"),
-        ("刀の鍔にはどんな飾りがありますか？", "桔梗"),
-    ],
-    "student_casual": [
-        ("部活って何やってるの？", "サッカー部"),
-        ("好きな食べ物なに？", "味噌ラーメン"),
-        ("苦手な科目ある？", "数学"),
-        ("兄弟とかいるの？", "妹"),
-        ("休みの日って何してる？", "オンラインゲーム"),
-        ("誕生日いつ？", "7月7日"),
-    ],
-    "kansai_kushikatsu": [
-        ("お店の名前は？", "串かつ 鶴や"),
-        ("一番人気のメニューは何？", "牛串"),
-        ("揚げ油は何を使ってるの？", "牛脂"),
-        ("お店の定休日はいつ？", "木曜日"),
-        ("お父さんは今何してるの？", "仕込み"),
-        ("好きな野球チームは？", "阪神"),
-    ],
-    # Registers no training persona speaks (knowledge/_synthetic, kansai, ojousama): 博多弁 and オネエ言葉.
-    "hakata_ramen": [
-        ("屋台ってどのへんに出してるの？目印とかある？", "春吉橋"),
-        ("このお店っていつ頃からやってるの？", "1978"),
-        ("ラーメン一杯っていくらするの？", "700円"),
-        ("スープってどのくらい煮込んでるの？", "18時間"),
-        ("野球ってどこのチームを応援してるの？", "ホークス"),
-        ("ひとりでお店回してるの？誰か手伝ってくれる人いる？", "颯太"),
-    ],
-    "onee_bar": [
-        ("ママってどこの生まれなの？", "横手"),
-        ("このお店、何年からやってるの？", "2006"),
-        ("今日は何を飲もうかな。ママのおすすめってある？", "梅酒"),
-        ("お店を始める前は何の仕事してたの？", "銀座"),
-        ("ママって家で動物とか飼ってる？", "モンブラン"),
-        ("カラオケ行ったら誰の歌を歌うの？", "中島みゆき"),
-    ],
-}
+# Per card: (question a user would ask, a snippet of the lorebook fact that answers it). hakata_ramen and
+# onee_bar speak registers no training persona speaks (knowledge/_synthetic, kansai, ojousama).
+QUESTIONS = json.loads((CARDS / "questions.json").read_text(encoding="utf-8"))
 # Whether a persona the role-play adapter trained on speaks the card's register (a different character:
 # samurai-kagetora, student-haruto, the shipped kansai persona); the other two registers it never saw.
 REGISTER_IN_TRAINING = {

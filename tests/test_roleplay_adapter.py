@@ -20,14 +20,7 @@ from rag_persona.utils.io import file_sha256
 ROLEPLAY = ADAPTERS_ROOT / "roleplay-qwen2.5-coder-0.5b"
 CARDS = Path(__file__).parent / "data" / "cards"
 # A card in a register no training persona speaks (オネエ言葉); each question's answer holds the snippet.
-ONEE_QUESTIONS = [
-    ("ママってどこの生まれなの？", "横手"),
-    ("このお店、何年からやってるの？", "2006"),
-    ("今日は何を飲もうかな。ママのおすすめってある？", "梅酒"),
-    ("お店を始める前は何の仕事してたの？", "銀座"),
-    ("ママって家で動物とか飼ってる？", "モンブラン"),
-    ("カラオケ行ったら誰の歌を歌うの？", "中島みゆき"),
-]
+ONEE_QUESTIONS = json.loads((CARDS / "questions.json").read_text(encoding="utf-8"))["onee_bar"]
 
 
 def test_the_roleplay_adapter_serves_personas_without_their_own(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 from rag_persona.errors import RagPersonaError
 from rag_persona.prompts import PERSONA_FILE, PROMPT_TEMPLATE_VERSION, Persona
 from rag_persona.settings import get_settings
-from rag_persona.utils.io import atomic_folder, check_replaceable, jsonl_text, read_jsonl, write_json
+from rag_persona.utils.io import atomic_folder, jsonl_text, read_jsonl, write_json
 from training.provenance import file_sha256
 
 from .build import DATA_FORMAT_VERSION, MANIFEST, DataConfig, build_datasets
@@ -40,7 +40,6 @@ def build_mixed(config: DataConfig, personas: list[str]) -> dict:
     eval_prompts in persona order. Each row gains "persona" (its id); the manifest lists the parts'.
     """
     out = Path(config.out).absolute()
-    check_replaceable(out, MANIFEST, "build-data output")
     if config.index is not None:
         raise RagPersonaError(
             "build-data: --index names one persona's index; leave it out with several personas"
