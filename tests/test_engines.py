@@ -63,6 +63,38 @@ def test_engine_choice():
         choose_engine("llama.cpp", None, xattn=True)
 
 
+def test_extra_buffers_are_off_only_for_an_amx_build_on_an_amx_cpu(monkeypatch):
+    import llama_cpp
+
+    from rag_persona.generation.llamacpp import _extra_buffers_ok, extra_buffers_safe
+
+    amx_build = "CPU : AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | REPACK = 1 |"
+    plain_build = "CPU : AVX512 = 1 | AVX512_BF16 = 1 | REPACK = 1 |"
+    assert not extra_buffers_safe(amx_build, "flags : avx512f amx_bf16 amx_tile amx_int8")
+    assert extra_buffers_safe(plain_build, "flags : avx512f amx_bf16 amx_tile amx_int8")
+    assert extra_buffers_safe(amx_build, "flags : avx2 fma")
+    # The installed build on this machine's CPU, and the override either way.
+    info = llama_cpp.llama_print_system_info().decode()
+    cpu = open("/proc/cpuinfo", errors="replace").read()
+    monkeypatch.delenv("RAG_PERSONA_LLAMA_EXTRA_BUFFERS", raising=False)
+    assert _extra_buffers_ok() == ("AMX_INT8 = 1" not in info or "amx_tile" not in cpu)
+    monkeypatch.setenv("RAG_PERSONA_LLAMA_EXTRA_BUFFERS", "0")
+    assert not _extra_buffers_ok()
+
+
+def test_llamacpp_load_prints_no_warnings(capfd, llamacpp_base):
+    """The LoRA load logs a warning per tensor that cannot use a repacked buffer: not for the user's terminal."""
+    from rag_persona.generation.llamacpp import load_llamacpp
+    from rag_persona.settings import REPO_ROOT
+
+    capfd.readouterr()
+    load_llamacpp(
+        "qwen2.5-coder-0.5b", adapter=str(REPO_ROOT / "adapters/ojousama-qwen2.5-coder-0.5b"), n_ctx=512
+    )
+    err = capfd.readouterr().err
+    assert "fallback to CPU" not in err and "llama_" not in err
+
+
 # -- the contract, on each engine -------------------------------------------------------------------------
 
 

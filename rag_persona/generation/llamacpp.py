@@ -207,9 +207,11 @@ _PARAMS_LOCK = threading.Lock()
 def _extra_buffers_ok() -> bool:
     """Whether llama.cpp may put weights in its "extra" CPU buffer types (AMX tiles, repacked layouts).
 
-    On CPUs with AMX, a native build stores the weights in AMX buffers, and the first batched prompt
-    decode then crashes the process (SIGSEGV) where the kernel or a sandbox does not grant AMX tile
-    state (seen here with llama-cpp-python 0.3.36, Qwen2.5 Q4_K_M). Off by default on AMX CPUs;
+    A build with AMX kernels (the stock wheel built natively on an AMX CPU) stores the weights in AMX
+    buffers, and the first batched prompt decode then crashes the process (SIGSEGV) where the kernel or
+    a sandbox does not grant AMX tile state (llama-cpp-python 0.3.36, Qwen2.5 Q4_K_M; upstream
+    llama.cpp#20824). Only that combination turns them off: a build without AMX (CMAKE_ARGS with
+    GGML_NATIVE=OFF and the AVX-512 flags) keeps the repacked kernels (bench/results/chat_xeon_amx_builds.md).
     RAG_PERSONA_LLAMA_EXTRA_BUFFERS=1 (or 0) overrides.
     """
     env = os.environ.get("RAG_PERSONA_LLAMA_EXTRA_BUFFERS")
@@ -218,8 +220,45 @@ def _extra_buffers_ok() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return True
-    return "amx_tile" not in flags
+        flags = ""
+    import llama_cpp
+
+    return extra_buffers_safe(llama_cpp.llama_print_system_info().decode(errors="replace"), flags)
+
+
+def extra_buffers_safe(system_info: str, cpu_flags: str) -> bool:
+    """False only for an AMX build (its system info lists AMX_INT8 = 1) on a CPU with AMX tiles."""
+    return not ("AMX_INT8 = 1" in system_info and "amx_tile" in cpu_flags)
+
+
+_LOG_CALLBACK = None
+
+
+def _errors_only_log() -> None:
+    """Let through only llama.cpp's error messages on stderr.
+
+    llama-cpp-python 0.3.36 maps ggml's log levels off by one (its WARN is ggml's INFO, its ERROR ggml's
+    WARN), so its own quiet setting still prints warnings such as one line per LoRA tensor that cannot
+    use the repacked buffer. ggml: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous message.
+    """
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        level = last[0] if level == 5 else level
+        last[0] = level
+        if level == 4:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _LOG_CALLBACK = callback  # ctypes calls it for the process's life: keep it referenced
 
 
 @contextmanager
@@ -267,10 +306,9 @@ def load_llamacpp(
 ) -> LlamaCppBackend:
     """Open a GGUF (bundled alias or path) with llama.cpp, the adapter applied as a GGUF LoRA."""
     from llama_cpp import Llama
-    from llama_cpp._logger import set_verbose
     from transformers import AutoTokenizer
 
-    set_verbose(False)  # llama.cpp's load-time notices (e.g. per-tensor LoRA buffer fallbacks) are not errors
+    _errors_only_log()
     gguf_path, tokenizer_src = resolve_gguf(model, progress=progress)
     lora = str(gguf_lora_for(adapter, gguf_path)) if adapter else None
     if tokenizer_src.suffix == ".gguf":
