@@ -201,6 +201,43 @@ def test_same_seed_same_adapter(setup, sft_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_interrupted_run_resumes_from_its_checkpoint(setup):
+    """Stopped after step 3 of 4 (checkpoint at 2): the same command again resumes at step 2 and ends with
+    the adapter of a run never interrupted; a changed recipe discards the checkpoints instead."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_3(msg: str) -> None:
+        if msg.startswith("step 3/"):
+            raise Stop
+
+    recipe = lambda **kw: _recipe(setup, "sft", max_steps=4, save_steps=2, logging_steps=1, **kw)  # noqa: E731
+    out = setup.root / "sft-resumed"
+    with pytest.raises(Stop):
+        train(recipe(), out, progress=stop_at_step_3, cuda=False)
+    checkpoints = setup.root / ".sft-resumed.checkpoints"
+    assert not out.exists() and (checkpoints / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+    lines: list[str] = []
+    metrics = train(recipe(), out, progress=lines.append, cuda=False)
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
+    assert any(line.startswith("resuming from") for line in lines)
+    assert not checkpoints.exists(), "checkpoints removed once the run is saved"
+
+    straight = setup.root / "sft-straight"
+    train(recipe(), straight, progress=lambda m: None, cuda=False)
+    a = load_file(out / "adapter_model.safetensors")
+    b = load_file(straight / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    with pytest.raises(Stop):
+        train(recipe(), setup.root / "sft-changed", progress=stop_at_step_3, cuda=False)
+    lines.clear()
+    metrics = train(recipe(seed=7), setup.root / "sft-changed", progress=lines.append, cuda=False)
+    assert metrics["resumed_from_step"] == 0 and any("discarded" in line for line in lines)
+
+
 def test_raw_text_never_reaches_trl(setup):
     from datasets import Dataset
     from trl import SFTConfig

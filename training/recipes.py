@@ -156,6 +156,9 @@ class Recipe:
     gradient_checkpointing: bool | None = None  # default: on for QLoRA, off for CPU LoRA
     cpu_threads: int | None = None  # torch threads on CPU (None: all cores; 1 is faster on a busy machine)
     logging_steps: int = 1
+    # A checkpoint every N optimiser steps, beside the output folder (.<name>.checkpoints, the last one
+    # kept): the same command run again after an interruption resumes from it. 0: none.
+    save_steps: int = 25
     output_dir: str | None = None
     notes: str = ""
     cpt: CptRecipe = field(default_factory=CptRecipe)
@@ -181,6 +184,8 @@ class Recipe:
         ):
             if not getattr(self, name) or getattr(self, name) <= 0:
                 _fail(where, name, "must be positive")
+        if self.save_steps < 0:
+            _fail(where, "save_steps", "a number of steps, 0 for no checkpoints")
         if self.warmup_steps < 0 or (self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps)):
             _fail(where, "warmup_steps", "a whole number of steps, or a share of the steps below 1")
         if isinstance(self.loss_type, str):

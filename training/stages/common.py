@@ -17,8 +17,10 @@ sft and dpo share all of it as `train_labelled`. An output folder holds the weig
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -144,10 +146,43 @@ class Run:
 
     @contextmanager
     def folder(self) -> Iterator[Path]:
-        """A hidden work folder that becomes the output folder when the block ends without error."""
+        """A hidden work folder that becomes the output folder when the block ends without error; the
+        run's checkpoints go with it then (until then they let a re-run resume)."""
         what = f"a {self.recipe.stage} run"
         with atomic_folder(self.out, marker=RUN_MARKER, what=what) as work:
             yield work
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+    @property
+    def checkpoints(self) -> Path:
+        """The trainer's checkpoints: beside the output folder, outside the work folder that an error removes."""
+        return self.out.parent / f".{self.out.name}.checkpoints"
+
+    def fingerprint(self) -> dict:
+        """What must match for a checkpoint to be resumed: the recipe, and the data and init-adapter files
+        as they are now (size and modification time)."""
+        r = self.recipe
+        files = [Path(r.data_dir) / f for f in (r.train_file, r.eval_file) if f]
+        if r.init_adapter:
+            files += sorted(Path(r.init_adapter).glob("*.safetensors"))
+        stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
+        return {"recipe": r.to_dict(), "files": stats}
+
+    def checkpoint_folder(self) -> Path:
+        """The checkpoint folder for this run, emptied first if it holds another run's checkpoints."""
+        folder, stamp = self.checkpoints, self.checkpoints / "run.json"
+        mine = json.loads(json.dumps(self.fingerprint()))
+        if folder.is_dir():
+            try:
+                same = json.loads(stamp.read_text(encoding="utf-8")) == mine
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                self.progress(f"{folder}: checkpoints of another recipe or data, discarded")
+                shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(mine, ensure_ascii=False), encoding="utf-8")
+        return folder
 
     def finish(self, work: Path, metrics: dict, history: list[dict], manifest: dict, **plot) -> None:
         """Stamp the run time and write the provenance files next to the weights in `work`."""
@@ -356,7 +391,7 @@ def common_args(run: Run, work: Path) -> dict:
     """TrainingArguments shared by every trainer config: batch, schedule, seeding, device, logging."""
     r, mode = run.recipe, run.mode
     return dict(
-        output_dir=str(work / "checkpoints"),
+        output_dir=str(run.checkpoint_folder() if r.save_steps else work / "checkpoints"),
         per_device_train_batch_size=r.per_device_train_batch_size,
         per_device_eval_batch_size=r.per_device_train_batch_size,
         gradient_accumulation_steps=r.gradient_accumulation_steps,
@@ -367,7 +402,9 @@ def common_args(run: Run, work: Path) -> dict:
         num_train_epochs=r.num_train_epochs,
         max_steps=r.max_steps,
         logging_steps=r.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if r.save_steps else "no",
+        save_steps=r.save_steps or 500,
+        save_total_limit=1,
         eval_strategy="no",
         report_to=[],
         seed=r.seed,
@@ -462,13 +499,27 @@ def train_and_evaluate(
     metrics: dict = {"trainable_parameters": trainable}
     if evaluate:
         metrics.update(evaluate("before"))
-    result = trainer.train()
+    resume = last_checkpoint(trainer)
+    if resume:
+        progress(f"resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics["resumed_from_step"] = int(resume.rsplit("-", 1)[1]) if resume else 0
     metrics["train"] = clean(result.metrics)
     metrics["train_loss"] = result.training_loss
     metrics["steps"] = trainer.state.global_step
     if evaluate:
         metrics.update(evaluate("after"))
     return metrics
+
+
+def last_checkpoint(trainer) -> str | None:
+    """The newest checkpoint an interrupted run of the same recipe left in the trainer's output folder."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    args = trainer.args
+    if args.save_strategy == "no" or not os.path.isdir(args.output_dir):
+        return None
+    return get_last_checkpoint(args.output_dir)
 
 
 def trained_model(trainer):
