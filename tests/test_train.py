@@ -219,8 +219,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(setup):
     checkpoints = setup.root / ".sft-resumed.checkpoints"
     assert not out.exists() and (checkpoints / "checkpoint-2" / "adapter_model.safetensors").is_file()
 
-    lines: list[str] = []
-    metrics = train(recipe(), out, progress=lines.append, cuda=False)
+    lines: list[str] = []  # resumed with another thread count: the same run
+    metrics = train(recipe(cpu_threads=1), out, progress=lines.append, cuda=False)
     assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
     assert any(line.startswith("resuming from") for line in lines)
     assert not checkpoints.exists(), "checkpoints removed once the run is saved"

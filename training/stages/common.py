@@ -103,6 +103,10 @@ def seed_and_threads(recipe: Recipe, progress: Progress, *, threads: bool = True
 # -- the run ----------------------------------------------------------------------------------------------
 
 
+# Recipe fields that do not change what is trained: a run resumed with other values continues the same run.
+RESUME_IGNORES = ("cpu_threads", "logging_steps", "save_steps", "output_dir", "notes")
+
+
 @dataclass
 class RunOptions:
     """How a stage runs besides its recipe: where progress lines go, CUDA (None: detect), keep the model."""
@@ -166,7 +170,8 @@ class Run:
         if r.init_adapter:
             files += sorted(Path(r.init_adapter).glob("*.safetensors"))
         stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
-        return {"recipe": r.to_dict(), "files": stats}
+        recipe = {k: v for k, v in r.to_dict().items() if k not in RESUME_IGNORES}
+        return {"recipe": recipe, "files": stats}
 
     def checkpoint_folder(self) -> Path:
         """The checkpoint folder for this run, emptied first if it holds another run's checkpoints."""
