@@ -27,13 +27,20 @@ contain these wordings), after CPT and after SFT; the persona evaluation with re
 Resumable: a cell whose bench/results/forgetting/<cell>/result.json exists is skipped; a trained adapter
 under runs/forgetting/<cell>/ is evaluated without retraining; the CPT adapters are kept (adapter + recipe,
 metrics, data manifest) in bench/results/forgetting/cpt-alpha<N>/ and re-merged into the base when the
-merged model under runs/forgetting/ is missing. The training stages do not checkpoint within a run, so a
-run killed mid-training starts again. The table and plot are rewritten after every finished cell.
+merged model under runs/forgetting/ is missing. Training checkpoints every 25 steps (Recipe.save_steps), so
+a run killed mid-training resumes; an evaluation starts again. The table and plot are rewritten after every
+finished cell.
+
+Knowledge probe (per model, `--probe` adds it to finished cells): the mean NLL per token of the persona's
+fact texts as plain text (no chat template; training.recall.text_nll) and of a control set (the other
+personas' facts, never injected). NLL kept = (base − model) / (base − CPT model) on the fact texts: what
+the weights still hold of the injected text, apart from whether the chat-tuned model says it.
 
     python bench/forgetting.py --list                        # the plan, estimated minutes, what is done
     python bench/forgetting.py --budget-minutes 100          # run what is missing; start nothing after 100 min
     python bench/forgetting.py --cells cpt128-sft32-attn_mlp-s42 --seeds 43   # that cell with seed 43 too
     python bench/forgetting.py --table                       # only rewrite the table and plot
+    python bench/forgetting.py --probe                       # add the knowledge probe to finished cells
 """
 
 from __future__ import annotations
@@ -328,6 +335,34 @@ def closed_book(loaded, args) -> dict:
     return out
 
 
+def probe_texts() -> dict[str, list[str]]:
+    """The injected fact texts (the persona CPT was trained on) and a control set of the same kind of text
+    that no run saw (the shipped kansai persona and a seeded sample of the synthetic personas' facts)."""
+    import random
+
+    from rag_persona.knowledge.facts import load_knowledge
+
+    injected = [f.text for f in load_knowledge(ROOT / "knowledge" / PERSONA).facts]
+    control = [f.text for f in load_knowledge(ROOT / "knowledge" / "kansai").facts]
+    synthetic = sorted(p.parent for p in (ROOT / "knowledge" / "_synthetic").glob("*/facts.jsonl"))
+    others = [f.text for folder in synthetic for f in load_knowledge(folder).facts]
+    control += random.Random(0).sample(others, min(len(others), len(injected) - len(control)))
+    return {"injected": injected, "control": control}
+
+
+def knowledge_probe(loaded) -> dict:
+    """text_nll of the injected facts and of the control set (see the module docstring)."""
+    from training.recall import text_nll
+
+    started = time.perf_counter()
+    out = {name: text_nll(loaded, texts) for name, texts in probe_texts().items()}
+    _log(
+        f"knowledge probe: fact-text NLL {out['injected']['nll']:.3f}, control {out['control']['nll']:.3f} "
+        f"({time.perf_counter() - started:.0f}s)"
+    )
+    return out
+
+
 def _every(n: int):
     count = [0]
 
@@ -425,6 +460,7 @@ def model_cell(cell: Cell, args) -> dict:
     started = time.perf_counter()
     loaded = load_causal_lm(str(model), progress=_log)
     record["recall"] = closed_book(loaded, args)
+    record["probe"] = knowledge_probe(loaded)
     record["eval_seconds"] = round(time.perf_counter() - started, 1)
     record["model"] = str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model)
     return record
@@ -449,12 +485,46 @@ def sft_cell(cell: Cell, args) -> dict:
     started = time.perf_counter()
     loaded = load_causal_lm(str(model), adapter=str(out), progress=_log)
     record["recall"] = closed_book(loaded, args)
+    record["probe"] = knowledge_probe(loaded)
     record["persona"] = persona_eval(loaded, args)
     record["eval_seconds"] = round(time.perf_counter() - started, 1)
     record["recipe"]["base_model"] = (
         str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model)
     )
     return record
+
+
+BASE_PROBE = "probe-base.json"
+
+
+def add_probes(cells: list[Cell], args) -> None:
+    """The knowledge probe for the base model (results/probe-base.json) and every finished cell without one."""
+    from rag_persona.generation import load_causal_lm, resolve_model_path
+    from rag_persona.utils.io import atomic_write_text
+
+    results_dir = Path(args.results)
+    base_file = results_dir / BASE_PROBE
+    if not base_file.is_file():
+        loaded = load_causal_lm(resolve_model_path(None, progress=_log), progress=_log)
+        atomic_write_text(base_file, json.dumps(knowledge_probe(loaded), indent=1) + "\n")
+    for name, result in load_results(results_dir).items():
+        if "probe" in result:
+            continue
+        cell = parse_cell(name)
+        if cell.cpt:
+            model = ensure_cpt_model(cell.cpt, Path(args.runs), results_dir, args.threads)
+        else:
+            model = Path(resolve_model_path(None, progress=_log))
+        adapter = Path(args.runs) / name if cell.sft else None
+        if adapter is not None and not (adapter / "adapter_model.safetensors").is_file():
+            _log(f"cell {name}: its adapter {adapter} is gone; no probe")
+            continue
+        _log(f"cell {name}: knowledge probe")
+        loaded = load_causal_lm(str(model), adapter=str(adapter) if adapter else None, progress=_log)
+        result["probe"] = knowledge_probe(loaded)
+        atomic_write_text(
+            result_path(results_dir, cell), json.dumps(result, ensure_ascii=False, indent=1) + "\n"
+        )
 
 
 def result_path(results: Path, cell: Cell) -> Path:
@@ -549,7 +619,27 @@ def _acc(result: dict | None, which: str = "heldout") -> float | None:
     return result["recall"][which]["summary"]["accuracy"]
 
 
-def row_of(cell: Cell, result: dict | None, parent: dict | None) -> dict:
+def _nll(probe: dict | None, which: str) -> float | None:
+    return probe[which]["nll"] if probe else None
+
+
+def probe_columns(cell: Cell, result: dict, parent: dict | None, base_probe: dict | None) -> dict:
+    """Fact-text NLL, NLL kept (SFT cells: (base − cell) / (base − CPT model)), control NLL − base's."""
+    probe = result.get("probe")
+    cpt_probe = (parent or {}).get("probe") if cell.sft else probe
+    b, x, c = _nll(base_probe, "injected"), _nll(probe, "injected"), _nll(cpt_probe, "injected")
+    kept = None
+    if cell.sft and cell.cpt and None not in (b, x, c) and b - c > 0:
+        kept = round((b - x) / (b - c), 3)
+    drift = _nll(probe, "control")
+    return {
+        "fact_nll": x,
+        "nll_kept": kept,
+        "control_drift": round(drift - _nll(base_probe, "control"), 4) if drift and base_probe else None,
+    }
+
+
+def row_of(cell: Cell, result: dict | None, parent: dict | None, base_probe: dict | None = None) -> dict:
     """One table row: the cell's settings and, once measured, its numbers (None where not applicable)."""
     row = {
         "cell": cell.name,
@@ -578,6 +668,7 @@ def row_of(cell: Cell, result: dict | None, parent: dict | None) -> dict:
         "eos": persona.get("eos_rate"),
         "median_chars": persona.get("median_chars"),
         "rag_fact_accuracy": persona.get("fact_accuracy"),
+        **probe_columns(cell, result, parent, base_probe),
         "l2": result.get("l2"),
         "wall_minutes": round(result["wall_seconds"] / 60, 1),
         "device": (result.get("train") or {}).get("device") or "",
@@ -610,6 +701,9 @@ COLUMNS = [
     ("eos", "EOS", 2),
     ("median_chars", "median chars", 0),
     ("rag_fact_accuracy", "RAG fact accuracy", 2),
+    ("fact_nll", "fact-text NLL", 3),
+    ("nll_kept", "NLL kept", 2),
+    ("control_drift", "control ΔNLL", 3),
     ("l2", "‖ΔW‖₂", 3),
     ("wall_minutes", "wall min", 1),
     ("device", "ran on", None),
@@ -628,6 +722,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
         and (r["style"] or 0) >= GOAL["style"]
         and (r["eos"] or 0) >= GOAL["eos"]
     ]
+    probed = [r for r in sft if r.get("nll_kept") is not None and r["kept"] is not None]
     best = max(sft, key=lambda r: (r["recall_after_sft"] or 0, r["style"] or 0))
     lines = [
         f"Goal (kept ≥ {GOAL['kept']:.0%} of recall after CPT, style ≥ {GOAL['style']:.2f}, EOS {GOAL['eos']:.2f}): "
@@ -636,6 +731,19 @@ def goal_lines(rows: list[dict]) -> list[str]:
         f"Highest recall after SFT: {best['cell']} ({_fmt(best['recall_after_sft'])}, kept "
         f"{_fmt(best['kept'])}, style {_fmt(best['style'])}, EOS {_fmt(best['eos'])}).",
     ]
+    if probed:
+        lo = min(r["nll_kept"] for r in probed)
+        hi = max(r["nll_kept"] for r in probed)
+        rk = max(r["kept"] for r in probed)
+        lines.append(
+            f"Knowledge probe over {len(probed)} SFT cell(s): the weights keep {lo:.0%}–{hi:.0%} of CPT's gain on "
+            f"the fact texts (NLL kept) while closed-book recall keeps at most {rk:.0%}"
+            + (
+                ": SFT mostly stops the chat answers from using what CPT stored, rather than erasing it."
+                if lo >= 2 * rk
+                else "."
+            )
+        )
     return lines
 
 
@@ -643,9 +751,13 @@ def render_table(cells: list[Cell], results: dict[str, dict], args=None) -> tupl
     """The markdown table (one row per cell, planned ones without a result as pending) and its JSON."""
     extra = [parse_cell(n) for n in results if n not in {c.name for c in cells}]
     rows = []
+    base_file = Path(args.results) / BASE_PROBE if args else None
+    base_probe = (
+        json.loads(base_file.read_text(encoding="utf-8")) if base_file and base_file.is_file() else None
+    )
     for cell in [*cells, *extra]:
         parent = results.get(cell.parent.name) if cell.parent else None
-        rows.append(row_of(cell, results.get(cell.name), parent))
+        rows.append(row_of(cell, results.get(cell.name), parent, base_probe))
     done = sum(r["status"] == "done" for r in rows)
     lines = [
         "# Knowledge injection: CPT → SFT forgetting on the bundled 0.5B (issue 22)",
@@ -659,7 +771,11 @@ def render_table(cells: list[Cell], results: dict[str, dict], args=None) -> tupl
         "40 facts' own questions, which CPT's qa documents contain. kept = recall after SFT / after CPT. Style, "
         "EOS, median chars and RAG fact accuracy: the persona evaluation with retrieval on held-out prompts "
         "(runs/data/eval_prompts.jsonl). ‖ΔW‖₂: the adapter's delta (for SFT rows the L2 between the CPT model "
-        "and the CPT→SFT model; for CPT rows the CPT LoRA's own). Wall min: training + evaluation.",
+        "and the CPT→SFT model; for CPT rows the CPT LoRA's own). Wall min: training + evaluation. "
+        "Fact-text NLL: mean NLL per token of the persona's fact texts as plain text (no chat template); NLL "
+        "kept = (base − cell) / (base − CPT model) on them, what the weights still hold of the injected text "
+        "whether or not the chat answers say it; control ΔNLL: the same on facts no run saw, minus the base's "
+        "(general drift).",
         "",
         "| " + " | ".join(c[1] for c in COLUMNS) + " |",
         "|" + "|".join("---" if d is None else "---:" for _, _, d in COLUMNS) + "|",
@@ -784,6 +900,11 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--mitigation-base", default=MITIGATION_BASE, help="the grid cell the mitigations modify")
     ap.add_argument("--list", action="store_true", help="print the plan with estimated minutes and stop")
     ap.add_argument("--table", action="store_true", help="only rewrite the table and plot")
+    ap.add_argument(
+        "--probe",
+        action="store_true",
+        help="add the knowledge probe to finished cells (and the base), then stop",
+    )
     ap.add_argument("--budget-minutes", type=float, default=None, help="start no new cell after this long")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: faster on busy cores)")
     ap.add_argument("--eval-prompts", type=int, default=61, help="held-out persona prompts per SFT cell")
@@ -811,6 +932,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.probe:
+        add_probes(cells, args)
+        write_outputs(cells, load_results(results_dir), Path(args.out), args)
+        return 0
     data_ready = False
     for cell in cells:
         if result_path(results_dir, cell).is_file():

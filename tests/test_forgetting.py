@@ -311,3 +311,43 @@ def test_finished_cells_are_skipped_and_the_budget_stops_new_ones(tmp_path, caps
     listed = capsys.readouterr().out
     assert re.search(r"^base +10 min  done$", listed, re.M)
     assert "cpt-alpha128" in listed and "16 cells, 1 done" in listed
+
+
+def test_text_nll_is_the_models_own_language_modelling_loss(tiny):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.recall import text_nll
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
+    texts = [f["text"] for f in FACTS]
+    got = text_nll(SimpleNamespace(model=model, tokenizer=tokenizer), texts)
+    losses, counts = [], []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+        counts.append(ids.shape[1] - 1)
+    expected = sum(loss * n for loss, n in zip(losses, counts, strict=True)) / sum(counts)
+    assert got["tokens"] == sum(counts) and got["nll"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_nll_kept_compares_the_cell_with_the_base_and_its_cpt_model(tmp_path):
+    def probe(injected, control):
+        return {"injected": {"nll": injected}, "control": {"nll": control}}
+
+    results = {
+        "cpt-alpha128": _result("cpt-alpha128", acc=0.40) | {"probe": probe(1.0, 3.0)},
+        "cpt128-sft8-attn_mlp-s42": _result("cpt128-sft8-attn_mlp-s42", acc=0.1, style=1.0, eos=1.0)
+        | {"probe": probe(1.5, 3.2)},
+    }
+    (tmp_path / fg.BASE_PROBE).write_text(json.dumps(probe(3.0, 3.1)), encoding="utf-8")
+    args = fg.parse_args(["--results", str(tmp_path)])
+    _, data = fg.render_table(fg.default_plan(), results, args)
+    rows = {r["cell"]: r for r in data["rows"]}
+    sft = rows["cpt128-sft8-attn_mlp-s42"]
+    assert (sft["fact_nll"], sft["nll_kept"], sft["control_drift"]) == (1.5, 0.75, 0.1)
+    assert rows["cpt-alpha128"]["nll_kept"] is None and rows["cpt-alpha128"]["fact_nll"] == 1.0
+

@@ -147,3 +147,27 @@ def run_fact_recall(
         "decoding": "greedy",
     }
     return out
+
+
+def text_nll(loaded, texts: Sequence[str]) -> dict:
+    """Mean negative log-likelihood per token of plain texts (no chat template, no persona prompt).
+
+    How well the weights know a text, apart from how a chat-tuned model chooses to answer: continued
+    pre-training lowers it on the documents it injected, and a later SFT that only changes the answer
+    format leaves it there while closed-book recall falls.
+    """
+    import torch
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:  # one at a time: no padding to mask, and these are short
+            ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+            if ids.shape[1] < 2:
+                continue
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    if not count:
+        raise RagPersonaError("text_nll: no text of two or more tokens")
+    return {"nll": round(total / count, 5), "texts": len(texts), "tokens": count}
