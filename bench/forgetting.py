@@ -10,7 +10,8 @@ chat register by SFT. On the bundled 0.5B (CPU or a lent GPU, bf16 LoRA either w
 - mitigations on the alpha-128 CPT model, each a change to one grid cell (SFT alpha 32, attention+MLP by
   default, `--mitigation-base`): replay (CPT blocks are 10% / 30% of the SFT examples, recipe field
   `replay`), SFT on the layers CPT did not touch (0-11, recipe field `lora.layers`; every grid cell already
-  trains the layers CPT trained, the top 12), and a third of the SFT learning rate (1e-4);
+  trains the layers CPT trained, the top 12), a third of the SFT learning rate (1e-4), and closed-book
+  copies of the SFT fact rows about facts no recall question asks (recipe field `closed_book`);
 - references: closed-book recall of the plain base model, and SFT on the base without CPT.
 
 Recipes are built in code from the two bundled recipes plus each cell's overrides (no file per cell); the
@@ -81,6 +82,9 @@ MITIGATIONS: dict[str, dict] = {
     "replay30": {"replay": 0.3},
     "layers0-11": {"lora": {"top_layers": None, "layers": list(range(12))}},
     "lr1e-4": {"learning_rate": 1e-4},
+    # The knowledge probe shows SFT keeps most of what CPT stored but stops the chat answers from using it;
+    # these rows show the chat format answering with no retrieved facts, on facts recall never asks.
+    "closedbook": {"closed_book": 1.0},
 }
 MITIGATION_CPT = 128
 MITIGATION_BASE = "sft32-attn_mlp"

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import sys
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from training.data.cpt_data import build_cpt_data
 from training.recipes import CptRecipe, LoraRecipe, Recipe, load_recipe
 from training.stages import train
 from training.stages.common import RunOptions, begin, tokenized_examples
-from training.stages.sft import add_replay_blocks, replay_count
+from training.stages.sft import add_replay_blocks, closed_book_rows, replay_count
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_forgetting", ROOT / "bench" / "forgetting.py")
@@ -76,9 +77,9 @@ def test_the_plan_runs_cpt_128_its_cells_then_cpt_32_and_names_parse_back():
         "cpt128-sft32-attn_mlp-s42",
         "cpt128-sft32-attn-s42",
     ]
-    assert names[5:9] == [f"cpt128-sft32-attn_mlp-{m}-s42" for m in fg.MITIGATIONS]
-    assert names[9] == "cpt-alpha32" and len([n for n in names if n.startswith("cpt32-")]) == 4
-    assert names[-2:] == ["base", "base-sft32-attn_mlp-s42"] and len(set(names)) == len(names) == 16
+    assert names[5:10] == [f"cpt128-sft32-attn_mlp-{m}-s42" for m in fg.MITIGATIONS]
+    assert names[10] == "cpt-alpha32" and len([n for n in names if n.startswith("cpt32-")]) == 4
+    assert names[-2:] == ["base", "base-sft32-attn_mlp-s42"] and len(set(names)) == len(names) == 17
     assert all(fg.parse_cell(n).name == n for n in names)
     # a chosen SFT cell brings its model cell first; --seeds adds the same cell with each other seed
     chosen = fg.plan(["cpt32-sft8-attn-replay30-s42"], seeds=[43, 42])
@@ -182,6 +183,66 @@ def test_replay_adds_the_cpt_blocks_to_the_real_sft_examples_at_the_share_asked(
         train(_sft(tiny, replay=0.996), tiny.root / "too-much", progress=_quiet, cuda=False)
 
 
+def test_closed_book_copies_fact_rows_about_untested_facts_without_their_context(tiny, tmp_path):
+    from test_train import write_jsonl
+
+    from rag_persona.prompts import Persona, build_messages
+
+    kb = tmp_path / "kb"
+    shutil.copytree(tiny.kb, kb)
+    (kb / "queries").mkdir()
+    write_jsonl(
+        kb / "queries" / "test.jsonl",
+        [{"query": "お名前は", "relevant": ["name"]}, {"query": "年は", "relevant": ["age"]}],
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    system = {"role": "system", "content": "あなたは小野寺絢音です。\n【情報】\n- 事実"}
+    rows = [
+        {
+            "id": f"r{i}",
+            "prompt": [system, {"role": "user", "content": f["questions"][0]}],
+            "completion": [{"role": "assistant", "content": f["text"]}],
+            "kind": "fact",
+            "golden_ids": [f["id"]],
+        }
+        for i, f in enumerate(FACTS)
+    ]
+    write_jsonl(data / "sft.jsonl", rows)
+    cpt = CptRecipe(knowledge_dir=str(kb), block_size=32, variants=2)
+    recipe = Recipe(
+        name="tiny-closed",
+        stage="sft",
+        base_model=tiny.model,
+        data_dir=str(data),
+        train_file="sft.jsonl",
+        max_steps=1,
+        learning_rate=1e-2,
+        lora=LoraRecipe(r=4, lora_alpha=8, target_modules=fg.MODULES["attn_mlp"]),
+        cpt=cpt,
+        closed_book=1.0,
+    ).validate()
+    out = tmp_path / "sft-closed"
+    metrics = train(recipe, out, progress=_quiet, cuda=False)
+    # the tea and piano rows (facts no test query asks), again with the builder's prompt and no facts
+    assert metrics["closed_book_rows"] == 2 and metrics["train_examples"] == 6
+    assert sorted(metrics["closed_book_ids"]) == ["r2-closed", "r3-closed"]
+    run, data_, _, _, _ = begin(recipe, tmp_path / "unused", RunOptions(progress=_quiet, cuda=False))
+    persona = Persona.load(kb)
+    for where, row in closed_book_rows(run, data_.train_rows):
+        question = row["prompt"][-1]["content"]
+        assert where.endswith("(closed-book)") and row["prompt"] == build_messages(persona, [], [], question)
+        assert "事実" not in row["prompt"][0]["content"] and row["golden_ids"][0] in ("tea", "piano")
+    sources = json.loads((out / "data_manifest.json").read_text())["train"]["sources"]
+    assert sum(s.endswith("(closed-book)") for s in sources) == 2
+    half = train(dataclasses_replace(recipe, closed_book=0.5), tmp_path / "half", progress=_quiet, cuda=False)
+    assert half["closed_book_rows"] == 1
+    with pytest.raises(
+        RagPersonaError, match="field 'closed_book': a share in \\[0, 1\\], for the sft stage only"
+    ):
+        Recipe(name="x", stage="dpo", closed_book=0.5).validate()
+
+
 def test_lora_layers_put_the_sft_adapter_on_the_chosen_layers_only(tiny):
     recipe = _sft(tiny, lora=LoraRecipe(r=4, lora_alpha=8, target_modules=fg.ATTENTION, layers=[0]))
     train(recipe, tiny.root / "sft-layer0", progress=_quiet, cuda=False)
@@ -278,14 +339,14 @@ def test_table_rows_from_results_pending_cells_and_the_goal(tmp_path):
     cells = fg.default_plan()
     md, data = fg.render_table(cells, results)
     rows = {r["cell"]: r for r in data["rows"]}
-    assert len(rows) == 17  # the plan and the extra seed found among the results
+    assert len(rows) == 18  # the plan and the extra seed found among the results
     r = rows["cpt128-sft8-attn_mlp-s42"]
     assert (r["recall_after_cpt"], r["recall_after_sft"], r["drop"], r["kept"]) == (0.40, 0.34, 0.06, 0.85)
     assert (r["style"], r["eos"], r["rag_fact_accuracy"], r["wall_minutes"]) == (0.95, 1.0, 0.5, 10.0)
     assert rows["cpt128-sft32-attn_mlp-s42"]["kept"] == 0.25 and rows["cpt-alpha32"]["status"] == "pending"
     assert "| cpt128-sft8-attn_mlp-s42 | 128 | 8 | attention+MLP | – | 42 | 0.40 | 0.34 | 0.06 | 0.85 |" in md
     assert "| cpt-alpha32 | 32 | – | – | – | – | pending |" in md
-    assert "4 of 17 cells measured." in md
+    assert "4 of 18 cells measured." in md
     assert "Goal (kept ≥ 80% of recall after CPT, style ≥ 0.90, EOS 1.00): cpt128-sft8-attn_mlp-s42." in md
     png = fg.plot(data["rows"], tmp_path / "forgetting.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -310,7 +371,7 @@ def test_finished_cells_are_skipped_and_the_budget_stops_new_ones(tmp_path, caps
     fg.main(["--list", *common])
     listed = capsys.readouterr().out
     assert re.search(r"^base +10 min  done$", listed, re.M)
-    assert "cpt-alpha128" in listed and "16 cells, 1 done" in listed
+    assert "cpt-alpha128" in listed and "17 cells, 1 done" in listed
 
 
 def test_text_nll_is_the_models_own_language_modelling_loss(tiny):
@@ -350,4 +411,3 @@ def test_nll_kept_compares_the_cell_with_the_base_and_its_cpt_model(tmp_path):
     sft = rows["cpt128-sft8-attn_mlp-s42"]
     assert (sft["fact_nll"], sft["nll_kept"], sft["control_drift"]) == (1.5, 0.75, 0.1)
     assert rows["cpt-alpha128"]["nll_kept"] is None and rows["cpt-alpha128"]["fact_nll"] == 1.0
-

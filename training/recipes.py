@@ -151,6 +151,11 @@ class Recipe:
     # SFT: this share of the training examples is continued-pre-training blocks of the persona's knowledge
     # (rendered with the `cpt` block's settings, every token trained), mixed into the chat rows ("replay").
     replay: float = 0.0
+    # SFT: this share of the single-turn fact rows is added again with an empty context (the prompt builder
+    # with no retrieved facts), so the chat format also learns to answer from what the weights know.
+    # Rows about a fact that the persona's test queries ask are never used: closed-book recall on held-out
+    # wordings then still measures what CPT stored, not what these rows taught.
+    closed_book: float = 0.0
     seed: int = 42
     quantization: str = "auto"
     gradient_checkpointing: bool | None = None  # default: on for QLoRA, off for CPU LoRA
@@ -201,6 +206,8 @@ class Recipe:
             _fail(where, "replay", "a share in [0, 1), for the sft stage only")
         if self.replay:
             _validate_cpt_block(self.cpt, where)
+        if not 0 <= self.closed_book <= 1 or (self.closed_book and self.stage != "sft"):
+            _fail(where, "closed_book", "a share in [0, 1], for the sft stage only")
         return self
 
     def to_dict(self) -> dict:

@@ -87,6 +87,65 @@ def add_replay_blocks(run: Run, tokenizer, ex: Examples, eos_id: int, stops: set
     }
 
 
+def closed_book_rows(run: Run, rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """recipe.closed_book's share of the single-turn fact rows (none about a fact the persona's test
+    queries ask), seeded, each re-rendered by the prompt builder with no retrieved facts."""
+    from rag_persona.knowledge.facts import load_queries
+    from rag_persona.prompts import Persona, build_messages
+
+    r = run.recipe
+    knowledge_dir = cpt_knowledge_dir(r)
+    tested = {fid for q in load_queries(knowledge_dir / "queries" / "test.jsonl") for fid in q.relevant}
+    eligible = [
+        (where, row)
+        for where, row in rows
+        if row.get("kind") == "fact"
+        and len(row["prompt"]) == 2
+        and row.get("golden_ids")
+        and not set(row["golden_ids"]) & tested
+    ]
+    if not eligible:
+        raise RagPersonaError(
+            f"recipe {r.name}: field 'closed_book': no single-turn fact row about an untested fact"
+        )
+    rng = random.Random(f"{r.seed}|closed_book")
+    picked = rng.sample(eligible, max(1, round(len(eligible) * r.closed_book)))
+    persona = Persona.load(knowledge_dir)
+    return [
+        (
+            f"{where} (closed-book)",
+            row
+            | {
+                "id": f"{row['id']}-closed",
+                "prompt": build_messages(persona, [], [], row["prompt"][-1]["content"]),
+            },
+        )
+        for where, row in picked
+    ]
+
+
+def add_sft_extras(run: Run, tokenizer, ex: Examples, eos_id: int, stops: set[int]) -> dict:
+    """Replay blocks (recipe.replay) and closed-book copies (recipe.closed_book) mixed into the SFT examples."""
+    from training.data.labels import audit_tokenized, require_clean, tokenize_rows
+
+    added = add_replay_blocks(run, tokenizer, ex, eos_id, stops)
+    if not run.recipe.closed_book:
+        return added | {"closed_book_rows": 0}
+    rows = closed_book_rows(run, ex.used_rows)
+    extra = tokenize_rows(tokenizer, rows, eos_id, kind="sft", max_length=run.recipe.max_length)
+    require_clean(audit_tokenized(tokenizer, extra, stops), "closed-book")
+    mixed = list(zip(ex.train.examples, ex.train.sources, strict=True))
+    mixed += list(zip(extra.examples, extra.sources, strict=True))
+    random.Random(f"{run.recipe.seed}|closed_book_mix").shuffle(mixed)
+    ex.train.examples[:] = [m[0] for m in mixed]
+    ex.train.sources[:] = [m[1] for m in mixed]
+    run.progress(
+        f"{len(extra.examples)} closed-book copies of fact rows added (no retrieved facts in their prompt; "
+        f"{len(mixed)} training examples)"
+    )
+    return added | {"closed_book_rows": len(extra.examples), "closed_book_ids": [r["id"] for _, r in rows]}
+
+
 def train_sft(recipe: Recipe, out: Path, options: RunOptions) -> dict:
     """Supervised fine-tuning of a fresh LoRA (or of recipe.init_adapter); returns the run's metrics."""
     return train_labelled(
@@ -95,5 +154,5 @@ def train_sft(recipe: Recipe, out: Path, options: RunOptions) -> dict:
         options,
         trainer_class=sft_trainer_class,
         config=sft_config,
-        extra_pairs=add_replay_blocks,
+        extra_pairs=add_sft_extras,
     )
