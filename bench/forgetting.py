@@ -350,7 +350,7 @@ def probe_texts() -> dict[str, list[str]]:
     control = [f.text for f in load_knowledge(ROOT / "knowledge" / "kansai").facts]
     synthetic = sorted(p.parent for p in (ROOT / "knowledge" / "_synthetic").glob("*/facts.jsonl"))
     others = [f.text for folder in synthetic for f in load_knowledge(folder).facts]
-    control += random.Random(0).sample(others, min(len(others), len(injected) - len(control)))
+    control += random.Random(0).sample(others, max(0, min(len(others), len(injected) - len(control))))
     return {"injected": injected, "control": control}
 
 
@@ -632,14 +632,18 @@ def probe_columns(cell: Cell, result: dict, parent: dict | None, base_probe: dic
     probe = result.get("probe")
     cpt_probe = (parent or {}).get("probe") if cell.sft else probe
     b, x, c = _nll(base_probe, "injected"), _nll(probe, "injected"), _nll(cpt_probe, "injected")
-    kept = None
-    if cell.sft and cell.cpt and None not in (b, x, c) and b - c > 0:
+    bc, xc, cc = _nll(base_probe, "control"), _nll(probe, "control"), _nll(cpt_probe, "control")
+    kept = corrected = None
+    if cell.sft and cell.cpt and None not in (b, x, c, bc, xc, cc) and b - c > 0:
         kept = round((b - x) / (b - c), 3)
-    drift = _nll(probe, "control")
+        # the fact texts' gain beyond the general drift the control set shows (CPT also moves other text)
+        specific = (b - c) - (bc - cc)
+        corrected = round(((b - x) - (bc - xc)) / specific, 3) if specific > 0 else None
     return {
         "fact_nll": x,
         "nll_kept": kept,
-        "control_drift": round(drift - _nll(base_probe, "control"), 4) if drift and base_probe else None,
+        "nll_kept_corrected": corrected,
+        "control_drift": round(xc - bc, 4) if None not in (xc, bc) else None,
     }
 
 
@@ -707,6 +711,7 @@ COLUMNS = [
     ("rag_fact_accuracy", "RAG fact accuracy", 2),
     ("fact_nll", "fact-text NLL", 3),
     ("nll_kept", "NLL kept", 2),
+    ("nll_kept_corrected", "… drift-corrected", 2),
     ("control_drift", "control ΔNLL", 3),
     ("l2", "‖ΔW‖₂", 3),
     ("wall_minutes", "wall min", 1),
@@ -736,12 +741,12 @@ def goal_lines(rows: list[dict]) -> list[str]:
         f"{_fmt(best['kept'])}, style {_fmt(best['style'])}, EOS {_fmt(best['eos'])}).",
     ]
     if probed:
-        lo = min(r["nll_kept"] for r in probed)
-        hi = max(r["nll_kept"] for r in probed)
+        values = [r[k] for r in probed for k in ("nll_kept", "nll_kept_corrected") if r.get(k) is not None]
+        lo, hi = min(values), max(values)
         rk = max(r["kept"] for r in probed)
         lines.append(
             f"Knowledge probe over {len(probed)} SFT cell(s): the weights keep {lo:.0%}–{hi:.0%} of CPT's gain on "
-            f"the fact texts (NLL kept) while closed-book recall keeps at most {rk:.0%}"
+            f"the fact texts (NLL kept, raw and drift-corrected) while closed-book recall keeps at most {rk:.0%}"
             + (
                 ": SFT mostly stops the chat answers from using what CPT stored, rather than erasing it."
                 if lo >= 2 * rk
@@ -778,8 +783,9 @@ def render_table(cells: list[Cell], results: dict[str, dict], args=None) -> tupl
         "and the CPT→SFT model; for CPT rows the CPT LoRA's own). Wall min: training + evaluation. "
         "Fact-text NLL: mean NLL per token of the persona's fact texts as plain text (no chat template); NLL "
         "kept = (base − cell) / (base − CPT model) on them, what the weights still hold of the injected text "
-        "whether or not the chat answers say it; control ΔNLL: the same on facts no run saw, minus the base's "
-        "(general drift).",
+        "whether or not the chat answers say it; drift-corrected: each gain minus the control set's gain; "
+        "control ΔNLL: the cell's NLL on facts no run saw minus the base's (general drift). In the closedbook "
+        "cell, 2 of the 40 CPT-wording facts are among its closed-book rows (held-out recall is clean).",
         "",
         "| " + " | ".join(c[1] for c in COLUMNS) + " |",
         "|" + "|".join("---" if d is None else "---:" for _, _, d in COLUMNS) + "|",

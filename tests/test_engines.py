@@ -73,6 +73,7 @@ def test_extra_buffers_are_off_only_for_an_amx_build_on_an_amx_cpu(monkeypatch):
     assert not extra_buffers_safe(amx_build, "flags : avx512f amx_bf16 amx_tile amx_int8")
     assert extra_buffers_safe(plain_build, "flags : avx512f amx_bf16 amx_tile amx_int8")
     assert extra_buffers_safe(amx_build, "flags : avx2 fma")
+    assert not extra_buffers_safe("", "flags : avx512f amx_tile")  # no CPU features listed: assume AMX
     # The installed build on this machine's CPU, and the override either way.
     info = llama_cpp.llama_print_system_info().decode()
     cpu = open("/proc/cpuinfo", errors="replace").read()
@@ -80,6 +81,8 @@ def test_extra_buffers_are_off_only_for_an_amx_build_on_an_amx_cpu(monkeypatch):
     assert _extra_buffers_ok() == ("AMX_INT8 = 1" not in info or "amx_tile" not in cpu)
     monkeypatch.setenv("RAG_PERSONA_LLAMA_EXTRA_BUFFERS", "0")
     assert not _extra_buffers_ok()
+    monkeypatch.setenv("RAG_PERSONA_LLAMA_EXTRA_BUFFERS", "1")
+    assert _extra_buffers_ok()
 
 
 def test_llamacpp_load_prints_no_warnings(capfd, llamacpp_base):

@@ -208,7 +208,8 @@ def test_closed_book_copies_fact_rows_about_untested_facts_without_their_context
         }
         for i, f in enumerate(FACTS)
     ]
-    write_jsonl(data / "sft.jsonl", rows)
+    mixed = rows[2] | {"id": "r4", "golden_ids": ["tea", "age"]}  # one tested fact: never closed-book
+    write_jsonl(data / "sft.jsonl", [*rows, mixed])
     cpt = CptRecipe(knowledge_dir=str(kb), block_size=32, variants=2)
     recipe = Recipe(
         name="tiny-closed",
@@ -225,7 +226,7 @@ def test_closed_book_copies_fact_rows_about_untested_facts_without_their_context
     out = tmp_path / "sft-closed"
     metrics = train(recipe, out, progress=_quiet, cuda=False)
     # the tea and piano rows (facts no test query asks), again with the builder's prompt and no facts
-    assert metrics["closed_book_rows"] == 2 and metrics["train_examples"] == 6
+    assert metrics["closed_book_rows"] == 2 and metrics["train_examples"] == 7
     assert sorted(metrics["closed_book_ids"]) == ["r2-closed", "r3-closed"]
     run, data_, _, _, _ = begin(recipe, tmp_path / "unused", RunOptions(progress=_quiet, cuda=False))
     persona = Persona.load(kb)
@@ -410,4 +411,6 @@ def test_nll_kept_compares_the_cell_with_the_base_and_its_cpt_model(tmp_path):
     rows = {r["cell"]: r for r in data["rows"]}
     sft = rows["cpt128-sft8-attn_mlp-s42"]
     assert (sft["fact_nll"], sft["nll_kept"], sft["control_drift"]) == (1.5, 0.75, 0.1)
+    # fact gain beyond the control's: ((3.0 - 1.5) - (3.1 - 3.2)) / ((3.0 - 1.0) - (3.1 - 3.0)) = 1.6 / 1.9
+    assert sft["nll_kept_corrected"] == round(1.6 / 1.9, 3)
     assert rows["cpt-alpha128"]["nll_kept"] is None and rows["cpt-alpha128"]["fact_nll"] == 1.0

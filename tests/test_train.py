@@ -218,10 +218,15 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(setup):
         train(recipe(), out, progress=stop_at_step_3, cuda=False)
     checkpoints = setup.root / ".sft-resumed.checkpoints"
     assert not out.exists() and (checkpoints / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    # a save cut short (no trainer_state.json, which is written last) is dropped, not resumed from
+    (checkpoints / "checkpoint-3").mkdir()
+    (checkpoints / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"partial")
 
     lines: list[str] = []  # resumed with another thread count: the same run
     metrics = train(recipe(cpu_threads=1), out, progress=lines.append, cuda=False)
     assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
+    logged = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert len(logged) == 4 and metrics["train_loss"] == pytest.approx(sum(logged) / 4)
     assert any(line.startswith("resuming from") for line in lines)
     assert not checkpoints.exists(), "checkpoints removed once the run is saved"
 

@@ -214,7 +214,7 @@ class Recipe:
         """The recipe as a plain mapping; the stage blocks only where they apply."""
         out = asdict(self)
         for key in ("cpt", "rl", "xattn"):
-            if self.stage != key and not (key == "cpt" and self.replay):
+            if self.stage != key and not (key == "cpt" and (self.replay or self.closed_book)):
                 out.pop(key)
         if self.stage == "xattn":
             out.pop("lora")

@@ -227,8 +227,11 @@ def _extra_buffers_ok() -> bool:
 
 
 def extra_buffers_safe(system_info: str, cpu_flags: str) -> bool:
-    """False only for an AMX build (its system info lists AMX_INT8 = 1) on a CPU with AMX tiles."""
-    return not ("AMX_INT8 = 1" in system_info and "amx_tile" in cpu_flags)
+    """False for an AMX build (its system info lists AMX_INT8 = 1) on a CPU with AMX tiles, and on such a
+    CPU whenever the system info lists no CPU features at all (a backend not loaded yet: assume AMX)."""
+    if "amx_tile" not in cpu_flags:
+        return True
+    return "CPU :" in system_info and "AMX_INT8 = 1" not in system_info
 
 
 _LOG_CALLBACK = None

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.utils.io import atomic_folder
+from rag_persona.utils.io import atomic_folder, atomic_write_text
 from rag_persona.utils.tokens import eos_token_ids, generation_eos_ids
 from training.data.labels import (
     Tokenized,
@@ -163,12 +163,19 @@ class Run:
         return self.out.parent / f".{self.out.name}.checkpoints"
 
     def fingerprint(self) -> dict:
-        """What must match for a checkpoint to be resumed: the recipe, and the data and init-adapter files
-        as they are now (size and modification time)."""
+        """What must match for a checkpoint to be resumed: the recipe, and every file the run reads as it is
+        now (size and modification time): data rows, knowledge (CPT, replay, closed-book), a local base
+        model folder, the init and reward adapters."""
+        from .cpt import cpt_knowledge_dir
+
         r = self.recipe
-        files = [Path(r.data_dir) / f for f in (r.train_file, r.eval_file) if f]
-        if r.init_adapter:
-            files += sorted(Path(r.init_adapter).glob("*.safetensors"))
+        files = [] if r.stage == "cpt" else [Path(r.data_dir) / f for f in (r.train_file, r.eval_file) if f]
+        if r.stage == "cpt" or r.replay or r.closed_book:
+            files += sorted(p for p in cpt_knowledge_dir(r).rglob("*") if p.is_file())
+        folders = [r.init_adapter, r.rl.reward_adapter if r.stage == "rl" else None, r.base_model]
+        for folder in filter(None, folders):
+            if Path(folder).is_dir():
+                files += sorted(Path(folder).glob("*.safetensors"))
         stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
         recipe = {k: v for k, v in r.to_dict().items() if k not in RESUME_IGNORES}
         return {"recipe": recipe, "files": stats}
@@ -186,7 +193,7 @@ class Run:
                 self.progress(f"{folder}: checkpoints of another recipe or data, discarded")
                 shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(mine, ensure_ascii=False), encoding="utf-8")
+        atomic_write_text(stamp, json.dumps(mine, ensure_ascii=False))
         return folder
 
     def finish(self, work: Path, metrics: dict, history: list[dict], manifest: dict, **plot) -> None:
@@ -511,6 +518,9 @@ def train_and_evaluate(
     metrics["resumed_from_step"] = int(resume.rsplit("-", 1)[1]) if resume else 0
     metrics["train"] = clean(result.metrics)
     metrics["train_loss"] = result.training_loss
+    if resume:  # the Trainer averages only the steps after the resume; the restored log has them all
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        metrics["train_loss"] = sum(losses) / len(losses) if losses else None
     metrics["steps"] = trainer.state.global_step
     if evaluate:
         metrics.update(evaluate("after"))
@@ -524,6 +534,13 @@ def last_checkpoint(trainer) -> str | None:
     args = trainer.args
     if args.save_strategy == "no" or not os.path.isdir(args.output_dir):
         return None
+    # A process killed while saving leaves a checkpoint without its trainer_state.json (written last):
+    # removed, so the newest complete one is found.
+    for folder in Path(args.output_dir).glob("checkpoint-*"):
+        try:
+            json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            shutil.rmtree(folder, ignore_errors=True)
     return get_last_checkpoint(args.output_dir)
 
 
