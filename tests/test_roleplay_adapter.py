@@ -52,5 +52,5 @@ def test_an_unseen_register_is_spoken_with_the_roleplay_adapter_and_not_without(
         report = run_evaluation(prompts, adapter=adapter, persona=str(card), engine="llama.cpp")
         styles[adapter] = report["summary"]["style_rate"]
         assert report["summary"]["eos_rate"] == 1.0 and report["summary"]["foreign_register_rate"] == 0.0
-    # measured: 0/6 replies in the card's register on the base model, 5/6 with the adapter
+    # measured: 0/6 replies in the card's register on the base model, 4/6 with the adapter (first pass: 5/6)
     assert styles[str(ROLEPLAY)] >= styles["none"] + 0.5, styles
