@@ -741,15 +741,16 @@ def goal_lines(rows: list[dict]) -> list[str]:
         f"{_fmt(best['kept'])}, style {_fmt(best['style'])}, EOS {_fmt(best['eos'])}).",
     ]
     if probed:
-        values = [r[k] for r in probed for k in ("nll_kept", "nll_kept_corrected") if r.get(k) is not None]
-        lo, hi = min(values), max(values)
-        rk = max(r["kept"] for r in probed)
+        pairs = ", ".join(
+            f"{r['cell']} {r['nll_kept']:.2f} vs {r['kept']:.2f}"
+            for r in sorted(probed, key=lambda r: r["cell"])
+        )
         lines.append(
-            f"Knowledge probe over {len(probed)} SFT cell(s): the weights keep {lo:.0%}–{hi:.0%} of CPT's gain on "
-            f"the fact texts (NLL kept, raw and drift-corrected) while closed-book recall keeps at most {rk:.0%}"
+            f"Knowledge probe, NLL kept (the injected fact texts, raw) vs recall kept, per SFT cell: {pairs}"
             + (
-                ": SFT mostly stops the chat answers from using what CPT stored, rather than erasing it."
-                if lo >= 2 * rk
+                ". In every cell the weights keep far more of the injected text than the chat answers use: SFT "
+                "mostly cuts the chat format off from what CPT stored rather than erasing it."
+                if all(r["nll_kept"] >= 1.5 * r["kept"] for r in probed)
                 else "."
             )
         )
