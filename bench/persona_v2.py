@@ -7,7 +7,7 @@ decoding, llama.cpp with the adapter as a GGUF LoRA. Metrics: rag_persona/evalua
 single-turn and follow-up fact accuracy, invented specifics, malformed Japanese, off-topic handling, length)
 and the median seconds per reply.
 
-    python bench/persona_v2.py [--prompts runs/data-v2/eval_prompts.jsonl] [--variants base,v1,v2-sft,v2-dpo]
+    python bench/persona_v2.py [--prompts runs/data-v2/eval_prompts.jsonl] [--variants base,v1,v2-sft,v2-dpo,1.5b-base,1.5b-v2-sft]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ VARIANTS = {
     "v2-sft": ("qwen2.5-coder-0.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-0.5b-v2")),
     "v2-dpo": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "dpo-v2-0.5b-cpu")),
     "1.5b-base": ("qwen2.5-coder-1.5b", "none"),
+    "1.5b-v2-sft": ("qwen2.5-coder-1.5b", str(ROOT / "runs" / "sft-v2-1.5b-cpu")),
 }
 LABELS = {
     "base": "0.5B base",
@@ -35,6 +36,7 @@ LABELS = {
     "v2-sft": "0.5B v2 SFT",
     "v2-dpo": "0.5B v2 SFT+DPO",
     "1.5b-base": "1.5B base",
+    "1.5b-v2-sft": "1.5B v2 SFT",
 }
 # (key, header, format, goal text)
 COLUMNS = [
