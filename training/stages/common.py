@@ -17,7 +17,6 @@ sft and dpo share all of it as `train_labelled`. An output folder holds the weig
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -29,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.utils.io import atomic_folder, atomic_write_text
+from rag_persona.utils.io import atomic_folder
 from rag_persona.utils.tokens import eos_token_ids, generation_eos_ids
 from training.data.labels import (
     Tokenized,
@@ -42,6 +41,7 @@ from training.data.labels import (
 from training.provenance import versions
 from training.recipes import Recipe
 
+from .checkpoints import checkpoint_folder, last_checkpoint
 from .lora import lora_config
 from .records import RUN_MARKER, clean, data_manifest, lineage, write_run_files
 
@@ -103,10 +103,6 @@ def seed_and_threads(recipe: Recipe, progress: Progress, *, threads: bool = True
 # -- the run ----------------------------------------------------------------------------------------------
 
 
-# Recipe fields that do not change what is trained: a run resumed with other values continues the same run.
-RESUME_IGNORES = ("cpu_threads", "logging_steps", "save_steps", "output_dir", "notes")
-
-
 @dataclass
 class RunOptions:
     """How a stage runs besides its recipe: where progress lines go, CUDA (None: detect), keep the model."""
@@ -161,40 +157,6 @@ class Run:
     def checkpoints(self) -> Path:
         """The trainer's checkpoints: beside the output folder, outside the work folder that an error removes."""
         return self.out.parent / f".{self.out.name}.checkpoints"
-
-    def fingerprint(self) -> dict:
-        """What must match for a checkpoint to be resumed: the recipe, and every file the run reads as it is
-        now (size and modification time): data rows, knowledge (CPT, replay, closed-book), a local base
-        model folder, the init and reward adapters."""
-        from .cpt import cpt_knowledge_dir
-
-        r = self.recipe
-        files = [] if r.stage == "cpt" else [Path(r.data_dir) / f for f in (r.train_file, r.eval_file) if f]
-        if r.stage == "cpt" or r.replay or r.closed_book:
-            files += sorted(p for p in cpt_knowledge_dir(r).rglob("*") if p.is_file())
-        folders = [r.init_adapter, r.rl.reward_adapter if r.stage == "rl" else None, r.base_model]
-        for folder in filter(None, folders):
-            if Path(folder).is_dir():
-                files += sorted(Path(folder).glob("*.safetensors"))
-        stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
-        recipe = {k: v for k, v in r.to_dict().items() if k not in RESUME_IGNORES}
-        return {"recipe": recipe, "files": stats}
-
-    def checkpoint_folder(self) -> Path:
-        """The checkpoint folder for this run, emptied first if it holds another run's checkpoints."""
-        folder, stamp = self.checkpoints, self.checkpoints / "run.json"
-        mine = json.loads(json.dumps(self.fingerprint()))
-        if folder.is_dir():
-            try:
-                same = json.loads(stamp.read_text(encoding="utf-8")) == mine
-            except (OSError, ValueError):
-                same = False
-            if not same:
-                self.progress(f"{folder}: checkpoints of another recipe or data, discarded")
-                shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stamp, json.dumps(mine, ensure_ascii=False))
-        return folder
 
     def finish(self, work: Path, metrics: dict, history: list[dict], manifest: dict, **plot) -> None:
         """Stamp the run time and write the provenance files next to the weights in `work`."""
@@ -403,7 +365,7 @@ def common_args(run: Run, work: Path) -> dict:
     """TrainingArguments shared by every trainer config: batch, schedule, seeding, device, logging."""
     r, mode = run.recipe, run.mode
     return dict(
-        output_dir=str(run.checkpoint_folder() if r.save_steps else work / "checkpoints"),
+        output_dir=str(checkpoint_folder(run) if r.save_steps else work / "checkpoints"),
         per_device_train_batch_size=r.per_device_train_batch_size,
         per_device_eval_batch_size=r.per_device_train_batch_size,
         gradient_accumulation_steps=r.gradient_accumulation_steps,
@@ -525,23 +487,6 @@ def train_and_evaluate(
     if evaluate:
         metrics.update(evaluate("after"))
     return metrics
-
-
-def last_checkpoint(trainer) -> str | None:
-    """The newest checkpoint an interrupted run of the same recipe left in the trainer's output folder."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    args = trainer.args
-    if args.save_strategy == "no" or not os.path.isdir(args.output_dir):
-        return None
-    # A process killed while saving leaves a checkpoint without its trainer_state.json (written last):
-    # removed, so the newest complete one is found.
-    for folder in Path(args.output_dir).glob("checkpoint-*"):
-        try:
-            json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            shutil.rmtree(folder, ignore_errors=True)
-    return get_last_checkpoint(args.output_dir)
 
 
 def trained_model(trainer):
