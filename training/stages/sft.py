@@ -51,6 +51,15 @@ def replay_count(n_rows: int, share: float) -> int:
     return max(1, round(n_rows * share / (1 - share))) if share else 0
 
 
+def _mix_in(ex: Examples, extra: list[tuple], rng: random.Random) -> int:
+    """Append (example, source) pairs to the training split and shuffle the whole split with rng; its size."""
+    mixed = list(zip(ex.train.examples, ex.train.sources, strict=True)) + extra
+    rng.shuffle(mixed)
+    ex.train.examples[:] = [m[0] for m in mixed]
+    ex.train.sources[:] = [m[1] for m in mixed]
+    return len(mixed)
+
+
 def add_replay_blocks(run: Run, tokenizer, ex: Examples, eos_id: int, stops: set[int]) -> dict:
     """Mix recipe.replay's share of CPT blocks into the SFT examples at seeded positions; what was added.
 
@@ -71,18 +80,14 @@ def add_replay_blocks(run: Run, tokenizer, ex: Examples, eos_id: int, stops: set
         )
     rng = random.Random(f"{r.seed}|replay")
     picked = sorted(rng.sample(range(len(blocks.examples)), want))
-    mixed = list(zip(ex.train.examples, ex.train.sources, strict=True))
-    mixed += [(blocks.examples[i], f"replay {blocks.sources[i]}") for i in picked]
-    rng.shuffle(mixed)
-    ex.train.examples[:] = [m[0] for m in mixed]
-    ex.train.sources[:] = [m[1] for m in mixed]
+    total = _mix_in(ex, [(blocks.examples[i], f"replay {blocks.sources[i]}") for i in picked], rng)
     run.progress(
-        f"{want} CPT blocks of {c.block_size} tokens mixed in ({want / len(mixed):.0%} of {len(mixed)} "
+        f"{want} CPT blocks of {c.block_size} tokens mixed in ({want / total:.0%} of {total} "
         f"training examples, from {len(blocks.examples)} blocks of {knowledge_dir})"
     )
     return {
         "replay_blocks": want,
-        "replay_share": round(want / len(mixed), 4),
+        "replay_share": round(want / total, 4),
         "replay_data": {"knowledge_dir": str(knowledge_dir), **data.manifest()},
     }
 
@@ -134,14 +139,11 @@ def add_sft_extras(run: Run, tokenizer, ex: Examples, eos_id: int, stops: set[in
     rows = closed_book_rows(run, ex.used_rows)
     extra = tokenize_rows(tokenizer, rows, eos_id, kind="sft", max_length=run.recipe.max_length)
     require_clean(audit_tokenized(tokenizer, extra, stops), "closed-book")
-    mixed = list(zip(ex.train.examples, ex.train.sources, strict=True))
-    mixed += list(zip(extra.examples, extra.sources, strict=True))
-    random.Random(f"{run.recipe.seed}|closed_book_mix").shuffle(mixed)
-    ex.train.examples[:] = [m[0] for m in mixed]
-    ex.train.sources[:] = [m[1] for m in mixed]
+    rng = random.Random(f"{run.recipe.seed}|closed_book_mix")
+    total = _mix_in(ex, list(zip(extra.examples, extra.sources, strict=True)), rng)
     run.progress(
         f"{len(extra.examples)} closed-book copies of fact rows added (no retrieved facts in their prompt; "
-        f"{len(mixed)} training examples)"
+        f"{total} training examples)"
     )
     return added | {"closed_book_rows": len(extra.examples), "closed_book_ids": [r["id"] for _, r in rows]}
 
