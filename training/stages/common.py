@@ -410,14 +410,16 @@ def progress_callback(progress: Progress):
 
     class Progress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.time()
+            # A resumed run starts at its checkpoint's step: the ETA counts only the steps run here.
+            self.started, self.first_step = time.time(), state.global_step
             progress(f"training: {state.max_steps} steps")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or state.max_steps <= 0:
                 return
             elapsed = time.time() - getattr(self, "started", time.time())
-            eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+            done = state.global_step - getattr(self, "first_step", 0)
+            eta = elapsed / max(done, 1) * (state.max_steps - state.global_step)
             shown = " ".join(f"{k}={logs[k]:.4g}" for k in keys if isinstance(logs.get(k), int | float))
             if shown:
                 progress(
