@@ -8,6 +8,11 @@ single-turn and follow-up fact accuracy, invented specifics, malformed Japanese,
 and the median seconds per reply.
 
     python bench/persona_v2.py [--prompts runs/data-v2/eval_prompts.jsonl] [--variants base,v1,v2-sft,v2-dpo,1.5b-base,1.5b-v2-sft]
+    python bench/persona_v2.py --variants 1.5b-v2-sft --with bench/results/persona_v2_dpo.json --out F.md
+
+`--with` puts the rows of earlier runs (their .json) first in the table, marked *, so that a slow variant
+can be measured in another session without re-running the others (greedy decoding: the replies are the
+same; their seconds are those of their own run).
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="base,v1,v2-sft,v2-dpo")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "persona_v2.md"))
+    ap.add_argument("--with", dest="earlier", default="", help="Comma-separated .json files of earlier runs.")
     args = ap.parse_args(argv)
 
     from rag_persona.evaluation.evaluate import run_evaluation
@@ -95,8 +101,20 @@ def main(argv=None) -> int:
         json.loads(x) for x in Path(args.prompts).read_text(encoding="utf-8").splitlines() if x.strip()
     ]
     prompts = prompts[: args.limit] if args.limit else prompts
-    rows, reports = [], {}
-    for key in args.variants.split(","):
+    rows, reports, earlier = [], {}, []
+    for path in filter(None, args.earlier.split(",")):
+        old = json.loads(Path(path).read_text(encoding="utf-8"))
+        if old.get("prompts", args.prompts) != args.prompts:
+            raise SystemExit(f"--with {path}: measured on {old['prompts']}, not {args.prompts}")
+        for key, report in old["reports"].items():
+            if len(report["replies"]) != len(prompts):
+                raise SystemExit(
+                    f"--with {path}: {key} has {len(report['replies'])} replies, not {len(prompts)}"
+                )
+            rows.append((LABELS.get(key, key) + " *", old["summary"][LABELS.get(key, key)]))
+            reports[key] = report
+        earlier.append(f"{path} ({old.get('date', 'date not recorded')})")
+    for key in filter(None, args.variants.split(",")):
         model, adapter = VARIANTS[key]
         log(f"{key}: {model} + {adapter}")
         started = time.perf_counter()
@@ -130,6 +148,7 @@ def main(argv=None) -> int:
             for name, s in rows[:1]
         ),
         "",
+        *(["Rows marked * come from earlier runs: " + ", ".join(earlier), ""] if earlier else []),
         "## Replies (first 16 prompts)",
         "",
         "| query | " + " | ".join(LABELS[k] for k in reports) + " |",
@@ -143,7 +162,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.write_text("\n".join(text) + "\n", encoding="utf-8")
     out.with_suffix(".json").write_text(
-        json.dumps({"summary": dict(rows), "reports": reports}, ensure_ascii=False, indent=1),
+        json.dumps(
+            {
+                "prompts": args.prompts,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "summary": {name.removesuffix(" *"): summary for name, summary in rows},
+                "reports": reports,
+            },
+            ensure_ascii=False,
+            indent=1,
+        ),
         encoding="utf-8",
     )
     log(f"wrote {out}")
