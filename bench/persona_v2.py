@@ -12,7 +12,10 @@ and the median seconds per reply.
 
 `--with` puts the rows of earlier runs (their .json) first in the table, marked *, so that a slow variant
 can be measured in another session without re-running the others (greedy decoding: the replies are the
-same; their seconds are those of their own run).
+same; their seconds are those of their own run). `--rejudge` scores those stored replies again by the
+current rules of rag_persona/evaluation (no generation), e.g. after a change to the fact judge:
+
+    python bench/persona_v2.py --variants "" --with A.json,B.json --rejudge --out F.md
 """
 
 from __future__ import annotations
@@ -92,9 +95,15 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "persona_v2.md"))
     ap.add_argument("--with", dest="earlier", default="", help="Comma-separated .json files of earlier runs.")
+    ap.add_argument("--rejudge", action="store_true", help="Judge the --with replies again by today's rules.")
     args = ap.parse_args(argv)
 
-    from rag_persona.evaluation.evaluate import run_evaluation
+    from rag_persona.chat import default_persona
+    from rag_persona.evaluation.evaluate import load_prompts, rejudge, run_evaluation
+    from rag_persona.knowledge.facts import load_knowledge
+
+    persona = default_persona()
+    facts = {f.id: f.text for f in load_knowledge(persona.folder).facts}
 
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     prompts = [
@@ -111,9 +120,15 @@ def main(argv=None) -> int:
                 raise SystemExit(
                     f"--with {path}: {key} has {len(report['replies'])} replies, not {len(prompts)}"
                 )
-            rows.append((LABELS.get(key, key) + " *", old["summary"][LABELS.get(key, key)]))
+            summary = old["summary"][LABELS.get(key, key)]
+            if args.rejudge:
+                report = {**report, **rejudge(report["replies"], load_prompts(args.prompts), persona, facts)}
+                summary = {**summary, **report["summary"], **split_facts(prompts, report["replies"])}
+            rows.append((LABELS.get(key, key) + " *", summary))
             reports[key] = report
-        earlier.append(f"{path} ({old.get('date', 'date not recorded')})")
+        earlier.append(
+            f"{path} ({old.get('date', 'date not recorded')}{', re-judged' if args.rejudge else ''})"
+        )
     for key in filter(None, args.variants.split(",")):
         model, adapter = VARIANTS[key]
         log(f"{key}: {model} + {adapter}")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from rag_persona.chat import PersonaChat
 from rag_persona.errors import RagPersonaError
-from rag_persona.evaluation.evaluate import evaluate_chat, load_prompts
+from rag_persona.evaluation.evaluate import evaluate_chat, load_prompts, rejudge
 from rag_persona.generation import GenerationSettings, Reply
 from rag_persona.prompts import Persona
 
@@ -154,6 +154,33 @@ def test_summary_scores_the_replies(tmp_path):
     assert s["eos_rate"] == pytest.approx(2 / 3, abs=1e-3)
     assert s["leak_rate"] == pytest.approx(1 / 3, abs=1e-3)
     assert [r["fact_correct"] for r in out["replies"]] == [True, False, None]
+
+
+def test_rejudge_scores_stored_replies_again_without_generating(tmp_path):
+    chat = ScriptedChat(
+        [
+            ("ピアノと乗馬をたしなんでおりますの。", True),
+            ("わたくし16歳ですわ。</s>", False),
+            ("まあ、わたくしプログラムは書けませんの。", True),
+        ],
+        persona=PERSONA,
+        retriever=FakeRetriever(),
+        loaded=None,
+    )
+    prompts = load_prompts(_prompts_file(tmp_path))
+    out = evaluate_chat(chat, prompts, FACTS)
+    again = rejudge(out["replies"], prompts, PERSONA, FACTS)
+    assert again == out  # same rules, same verdicts; the stored leak is kept without a tokenizer
+    # A reference reply (what the held-out turn answered) now keys the fact on the part it takes.
+    prompts[0].reference = "乗馬をたしなんでおりますわ。"
+    replies = [dict(out["replies"][0], reply="ピアノが好きですわ。"), *out["replies"][1:]]
+    assert rejudge(replies, prompts, PERSONA, FACTS)["replies"][0]["fact_correct"] is False
+    prompts[0].reference = ""
+    assert rejudge(replies, prompts, PERSONA, FACTS)["replies"][0]["fact_correct"] is True
+    with pytest.raises(RagPersonaError, match="2 replies for 3 prompts"):
+        rejudge(out["replies"][:2], prompts, PERSONA, FACTS)
+    with pytest.raises(RagPersonaError, match="stands where"):
+        rejudge(out["replies"][::-1], prompts, PERSONA, FACTS)
 
 
 def test_evaluate_cli_prints_replies_and_summary(tiny_model_dir, tmp_path, monkeypatch):

@@ -101,6 +101,43 @@ def test_fact_key_uses_numbers_and_content_words():
     assert states_fact(birthday, "４月３日ですわ。")  # full-width digits are normalised
 
 
+def test_a_compound_key_word_is_found_in_its_short_units():
+    born = fact_key("born", "出身地は神奈川県鎌倉市。", "どこ生まれなの？", PERSONA_WORDS)
+    assert states_fact(born, "神奈川県の鎌倉市で生まれたのですわ。")
+    assert not states_fact(born, "神奈川県の横浜市で生まれたのですわ。")
+
+
+def test_a_reference_reply_keys_the_fact_on_the_part_it_answers():
+    father = "父は小野寺宗一郎（そういちろう）、50歳で小野寺商事の社長。"
+    query, reference = "お父さんも音楽家？", "いいえ、父は小野寺商事の社長をしておりますの。"
+    full = fact_key("father", father, query, PERSONA_WORDS)
+    assert full.numbers == ["50"] and not states_fact(full, reference)  # the old key failed the reference
+    key = fact_key("father", father, query, PERSONA_WORDS, reference=reference)
+    assert key.numbers == [] and "社長" in key.words
+    assert states_fact(key, "いいえ、お父様は小野寺商事の社長ですわ。")
+    assert not states_fact(key, "お父様は50歳ですわ。")  # true, but not what was asked
+    assert not states_fact(key, "ええ、お父様はヴァイオリニストですわ。")
+    # A name question: the reference names her, so her name is the key even though it is a persona word.
+    name = fact_key(
+        "profile-name",
+        FACTS["profile-name"],
+        "何て呼べばいい？",
+        PERSONA_WORDS,
+        reference="絢音とお呼びくださいませ。",
+    )
+    assert states_fact(name, "絢音と呼んでくださいまし。")
+    assert not states_fact(name, "友人は「ひかりさん」と呼んでおりますわ。")
+    # A reference that takes nothing of the fact leaves the full key.
+    assert fact_key("father", father, query, PERSONA_WORDS, reference="ふふ、秘密ですわ。") == full
+    result = judge(
+        PromptResult(query, "父は小野寺商事の社長ですわ。", True, ["father"], ["father"]),
+        {"father": father},
+        persona_words=PERSONA_WORDS,
+        reference=reference,
+    )
+    assert result.fact_correct is True
+
+
 def test_does_task():
     assert does_task("```python\nprint('hi')\n```")
     assert does_task("def f(x):\n    return x")

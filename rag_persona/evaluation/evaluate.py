@@ -156,6 +156,39 @@ def persona_texts(persona: Persona) -> list[str]:
     return [persona.summary, persona.greeting or "", *(style.examples if style else ())]
 
 
+def _judge(result: PromptResult, p: EvalPrompt, persona: Persona, facts: dict[str, str], extra, tokens):
+    return judge(
+        result,
+        facts,
+        persona_words=persona_words(persona),
+        extra_special=extra,
+        tokens=tokens,
+        markers=persona.markers,  # the persona's register; None (no style): the お嬢様 default
+        identity=(persona.name, persona.reading),
+        sources=[m["content"] for m in p.history] + persona_texts(persona),
+        reference=p.reference,
+    )
+
+
+def rejudge(replies: Sequence[dict], prompts: Sequence[EvalPrompt], persona: Persona, facts: dict[str, str]):
+    """Stored replies (an evaluation report's "replies") judged again by the current rules, without
+    generating: {"replies", "summary"}. Special-token leaks stay as stored (they need the model's tokenizer)."""
+    if len(replies) != len(prompts):
+        raise RagPersonaError(f"rejudge: {len(replies)} replies for {len(prompts)} prompts")
+    results = []
+    for stored, p in zip(replies, prompts, strict=True):
+        if stored["query"] != p.query:
+            raise RagPersonaError(f"rejudge: reply to {stored['query']!r} stands where {p.query!r} is asked")
+        fields = {
+            k: stored[k] for k in ("query", "reply", "ended_by_eos", "context_ids", "golden_ids", "kind")
+        }
+        result = PromptResult(**fields, new_tokens=stored["new_tokens"], seconds=stored["seconds"])
+        result = _judge(result, p, persona, facts, (), None)
+        result.metrics.leaked = list((stored.get("metrics") or {}).get("leaked", []))
+        results.append(result)
+    return {"replies": [r.to_dict() for r in results], "summary": summarize(results)}
+
+
 def evaluate_chat(
     chat: PersonaChat,
     prompts: Sequence[EvalPrompt],
@@ -181,18 +214,7 @@ def evaluate_chat(
             new_tokens=turn.reply.new_tokens,
             seconds=round(turn.reply.seconds, 2),
         )
-        results.append(
-            judge(
-                result,
-                facts,
-                persona_words=persona_words(chat.persona),
-                extra_special=extra,
-                tokens=tokens,
-                markers=chat.persona.markers,  # the persona's register; None (no style): the お嬢様 default
-                identity=(chat.persona.name, chat.persona.reading),
-                sources=[m["content"] for m in p.history] + persona_texts(chat.persona),
-            )
-        )
+        results.append(_judge(result, p, chat.persona, facts, extra, tokens))
         if progress:
             elapsed = time.perf_counter() - started
             eta = elapsed / i * (len(prompts) - i)
