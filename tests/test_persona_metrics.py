@@ -187,3 +187,38 @@ def test_judge_and_summary():
     assert s["foreign_register_rate"] == 0.0  # her own endings are never foreign
     assert s["one_sentence_rate"] == 0.6  # the weather reply and the code reply have two
     assert s["median_chars"] == 13
+
+
+def test_the_judge_accepts_the_shipped_reference_replies_and_rejects_shuffled_ones():
+    """Every fact-bearing turn of the shipped dialogues: its own お嬢様 and plain replies state its facts by the
+    judge keyed on the お嬢様 reply, and the replies of other turns (shuffled) almost never do."""
+    import json
+    import random
+
+    from rag_persona.evaluation.evaluate import persona_words
+    from rag_persona.knowledge.facts import load_knowledge
+    from rag_persona.prompts import Persona
+    from rag_persona.settings import KNOWLEDGE_ROOT
+
+    folder = KNOWLEDGE_ROOT / "ojousama"
+    facts = {f.id: f.text for f in load_knowledge(folder).facts}
+    words = persona_words(Persona.load(folder))
+    turns = [
+        t
+        for name in ("dialogues.jsonl", "dialogues_v2.jsonl")
+        for line in (folder / name).read_text(encoding="utf-8").splitlines()
+        for t in json.loads(line)["turns"]
+        if t.get("facts") and all(f in facts for f in t["facts"])
+    ]
+    assert len(turns) > 300
+
+    def states(turn, reply):
+        keys = [fact_key(f, facts[f], turn["user"], words, reference=turn["ojousama"]) for f in turn["facts"]]
+        return any(states_fact(k, reply) for k in keys)
+
+    rate = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert rate([states(t, t["ojousama"]) for t in turns]) >= 0.95
+    assert rate([states(t, t["plain"]) for t in turns]) >= 0.90
+    others = [t["ojousama"] for t in turns]
+    random.Random(0).shuffle(others)
+    assert rate([states(t, o) for t, o in zip(turns, others, strict=True)]) <= 0.08
