@@ -37,6 +37,7 @@ VARIANTS = {
     "v2-dpo": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "dpo-v2-0.5b-cpu")),
     "1.5b-base": ("qwen2.5-coder-1.5b", "none"),
     "1.5b-v2-sft": ("qwen2.5-coder-1.5b", str(ROOT / "runs" / "sft-v2-1.5b-cpu")),
+    "1.5b-v2-dpo": ("qwen2.5-coder-1.5b", str(ROOT / "runs" / "dpo-v2-1.5b-cpu")),
 }
 LABELS = {
     "base": "0.5B base",
@@ -45,6 +46,7 @@ LABELS = {
     "v2-dpo": "0.5B v2 SFT+DPO",
     "1.5b-base": "1.5B base",
     "1.5b-v2-sft": "1.5B v2 SFT",
+    "1.5b-v2-dpo": "1.5B v2 SFT+DPO",
 }
 # (key, header, format, goal text)
 COLUMNS = [
@@ -86,6 +88,57 @@ def table(rows: list[tuple[str, dict]]) -> str:
         cells = ["–" if s.get(k) is None else fmt.format(s[k]) for k, _, fmt, _ in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write(args, prompts, rows, reports, earlier) -> None:
+    """The table (.md) and every reply (.json), rewritten after each variant."""
+    n = len(prompts)
+    kinds: dict[str, int] = {}
+    for p in prompts:
+        kinds[p.get("kind", "?")] = kinds.get(p.get("kind", "?"), 0) + 1
+    text = [
+        "# Persona model v2 (issue 19): base vs v1 vs v2, llama.cpp engine",
+        "",
+        f"`python bench/persona_v2.py` — {n} held-out prompts ({args.prompts}; kinds: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+        + "), default persona index and decoding, Q4_K_M GGUF + GGUF LoRA, 2 CPU cores, "
+        + time.strftime("%Y-%m-%d %H:%M"),
+        "",
+        table(rows),
+        "",
+        "Counts: "
+        + "; ".join(
+            f"{name}: identity {s.get('n_identity')}, single-turn fact {s.get('n_single_fact')}, "
+            f"follow-up fact {s.get('n_followup_fact')}, off-topic {s.get('n_offtopic')}"
+            for name, s in rows[:1]
+        ),
+        "",
+        *(["Rows marked * come from earlier runs: " + ", ".join(earlier), ""] if earlier else []),
+        "## Replies (first 16 prompts)",
+        "",
+        "| query | " + " | ".join(LABELS[k] for k in reports) + " |",
+        "|---|" + "---|" * len(reports),
+    ]
+    for i, p in enumerate(prompts[:16]):
+        cells = [
+            reports[k]["replies"][i]["reply"].replace("\n", " ").replace("|", "\\|")[:70] for k in reports
+        ]
+        text.append(f"| {p['query']} | " + " | ".join(cells) + " |")
+    out = Path(args.out)
+    out.write_text("\n".join(text) + "\n", encoding="utf-8")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "prompts": args.prompts,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "summary": {name.removesuffix(" *"): summary for name, summary in rows},
+                "reports": reports,
+            },
+            ensure_ascii=False,
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
 
 
 def main(argv=None) -> int:
@@ -142,54 +195,11 @@ def main(argv=None) -> int:
         rows.append((LABELS[key], summary))
         reports[key] = report
         print(table(rows), flush=True)
-    n = len(prompts)
-    kinds: dict[str, int] = {}
-    for p in prompts:
-        kinds[p.get("kind", "?")] = kinds.get(p.get("kind", "?"), 0) + 1
-    text = [
-        "# Persona model v2 (issue 19): base vs v1 vs v2, llama.cpp engine",
-        "",
-        f"`python bench/persona_v2.py` — {n} held-out prompts ({args.prompts}; kinds: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-        + "), default persona index and decoding, Q4_K_M GGUF + GGUF LoRA, 2 CPU cores, "
-        + time.strftime("%Y-%m-%d %H:%M"),
-        "",
-        table(rows),
-        "",
-        "Counts: "
-        + "; ".join(
-            f"{name}: identity {s.get('n_identity')}, single-turn fact {s.get('n_single_fact')}, "
-            f"follow-up fact {s.get('n_followup_fact')}, off-topic {s.get('n_offtopic')}"
-            for name, s in rows[:1]
-        ),
-        "",
-        *(["Rows marked * come from earlier runs: " + ", ".join(earlier), ""] if earlier else []),
-        "## Replies (first 16 prompts)",
-        "",
-        "| query | " + " | ".join(LABELS[k] for k in reports) + " |",
-        "|---|" + "---|" * len(reports),
-    ]
-    for i, p in enumerate(prompts[:16]):
-        cells = [
-            reports[k]["replies"][i]["reply"].replace("\n", " ").replace("|", "\\|")[:70] for k in reports
-        ]
-        text.append(f"| {p['query']} | " + " | ".join(cells) + " |")
-    out = Path(args.out)
-    out.write_text("\n".join(text) + "\n", encoding="utf-8")
-    out.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "prompts": args.prompts,
-                "date": time.strftime("%Y-%m-%d %H:%M"),
-                "summary": {name.removesuffix(" *"): summary for name, summary in rows},
-                "reports": reports,
-            },
-            ensure_ascii=False,
-            indent=1,
-        ),
-        encoding="utf-8",
-    )
-    log(f"wrote {out}")
+        write(
+            args, prompts, rows, reports, earlier
+        )  # after each variant: a run cut short keeps what it measured
+    write(args, prompts, rows, reports, earlier)
+    log(f"wrote {args.out}")
     return 0
 
 
