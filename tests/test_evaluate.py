@@ -128,8 +128,9 @@ class ScriptedChat(PersonaChat):
         return TurnResult(plan=plan, reply=Reply(text, eos, 10, len(plan.messages), 0.1))
 
 
-def test_summary_scores_the_replies(tmp_path):
-    chat = ScriptedChat(
+def _scripted_chat():
+    """Three scripted replies: a right fact, a wrong number with a leaked </s> and no EOS, a declined task."""
+    return ScriptedChat(
         [
             ("ピアノと乗馬をたしなんでおりますの。", True),
             ("わたくし16歳ですわ。</s>", False),
@@ -139,6 +140,10 @@ def test_summary_scores_the_replies(tmp_path):
         retriever=FakeRetriever(),
         loaded=None,
     )
+
+
+def test_summary_scores_the_replies(tmp_path):
+    chat = _scripted_chat()
     out = evaluate_chat(chat, load_prompts(_prompts_file(tmp_path)), FACTS)
     assert (
         chat.plans[0].messages[0]["content"].endswith("- 趣味はピアノと乗馬。")
@@ -157,16 +162,7 @@ def test_summary_scores_the_replies(tmp_path):
 
 
 def test_rejudge_scores_stored_replies_again_without_generating(tmp_path):
-    chat = ScriptedChat(
-        [
-            ("ピアノと乗馬をたしなんでおりますの。", True),
-            ("わたくし16歳ですわ。</s>", False),
-            ("まあ、わたくしプログラムは書けませんの。", True),
-        ],
-        persona=PERSONA,
-        retriever=FakeRetriever(),
-        loaded=None,
-    )
+    chat = _scripted_chat()
     prompts = load_prompts(_prompts_file(tmp_path))
     out = evaluate_chat(chat, prompts, FACTS)
     again = rejudge(out["replies"], prompts, PERSONA, FACTS)
