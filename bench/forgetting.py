@@ -398,10 +398,63 @@ def persona_eval(loaded, args) -> dict:
     _log(
         f"persona: style {s['style_rate']} EOS {s['eos_rate']} median {s['median_chars']} facts {s['fact_accuracy']}"
     )
-    replies = [
-        {k: r.get(k) for k in ("query", "reply", "fact_correct", "ended_by_eos")} for r in report["replies"]
-    ]
-    return {"summary": s, "replies": replies, "seconds": round(time.perf_counter() - started, 1)}
+    keep = ("query", "reply", "fact_correct", "ended_by_eos", "context_ids", "golden_ids", "kind")
+    replies = [{k: r.get(k) for k in keep} for r in report["replies"]]
+    seconds = round(time.perf_counter() - started, 1)
+    return {"summary": s, "replies": replies, "seconds": seconds, "judge": JUDGE}
+
+
+# Which fact judge scored a cell's RAG fact accuracy: "reference" keys each golden fact on what the prompt's
+# reference reply takes from it (rag_persona.evaluation.metrics.fact_key); cells scored before it (no
+# "judge") are re-scored from their stored replies by `--rejudge`.
+JUDGE = "reference"
+
+
+def rejudge_cells(cells, args) -> None:
+    """Fact accuracy of finished SFT cells scored again from their stored replies by today's judge (the
+    other persona columns do not depend on it); the old value is kept as fact_accuracy_before."""
+    from rag_persona.chat import default_persona
+    from rag_persona.evaluation.evaluate import load_prompts, persona_texts, persona_words
+    from rag_persona.evaluation.metrics import PromptResult, judge
+    from rag_persona.knowledge.facts import load_knowledge
+
+    persona = default_persona(PERSONA)
+    facts = {f.id: f.text for f in load_knowledge(persona.folder).facts}
+    prompts = load_prompts(Path(args.data) / "eval_prompts.jsonl")
+    for cell in cells:
+        path = result_path(Path(args.results), cell)
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        ev = record.get("persona")
+        if not ev or ev.get("judge") == JUDGE:
+            continue
+        verdicts = []
+        for stored, p in zip(ev["replies"], prompts, strict=False):
+            if stored["query"] != p.query:
+                raise SystemExit(f"{path}: reply to {stored['query']!r} stands where {p.query!r} is asked")
+            if not p.golden_ids:
+                continue
+            result = PromptResult(
+                p.query, stored["reply"], bool(stored["ended_by_eos"]), [], list(p.golden_ids)
+            )
+            verdict = judge(
+                result,
+                facts,
+                persona_words=persona_words(persona),
+                markers=persona.markers,
+                identity=(persona.name, persona.reading),
+                sources=[m["content"] for m in p.history] + persona_texts(persona),
+                reference=p.reference,
+            ).fact_correct
+            stored["fact_correct"] = verdict
+            verdicts.append(bool(verdict))
+        before = ev["summary"].get("fact_accuracy")
+        ev["summary"]["fact_accuracy_before"] = before
+        ev["summary"]["fact_accuracy"] = round(sum(verdicts) / len(verdicts), 4) if verdicts else None
+        ev["judge"] = JUDGE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+        tmp.replace(path)
+        _log(f"cell {cell.name}: RAG fact accuracy {before} → {ev['summary']['fact_accuracy']} (re-judged)")
 
 
 def adapter_l2(folder: Path) -> float:
@@ -780,7 +833,8 @@ def render_table(cells: list[Cell], results: dict[str, dict], args=None) -> tupl
         "retrieval test queries about one fact, never in the CPT text nor the SFT data. CPT-wording recall asks "
         "40 facts' own questions, which CPT's qa documents contain. kept = recall after SFT / after CPT. Style, "
         "EOS, median chars and RAG fact accuracy: the persona evaluation with retrieval on held-out prompts "
-        "(runs/data/eval_prompts.jsonl). ‖ΔW‖₂: the adapter's delta (for SFT rows the L2 between the CPT model "
+        "(runs/data/eval_prompts.jsonl), facts judged on what each prompt's reference reply takes from them "
+        "(cells measured before that judge re-scored from their stored replies: `--rejudge`). ‖ΔW‖₂: the adapter's delta (for SFT rows the L2 between the CPT model "
         "and the CPT→SFT model; for CPT rows the CPT LoRA's own). Wall min: training + evaluation. "
         "Fact-text NLL: mean NLL per token of the persona's fact texts as plain text (no chat template); NLL "
         "kept = (base − cell) / (base − CPT model) on them, what the weights still hold of the injected text "
@@ -912,6 +966,9 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--list", action="store_true", help="print the plan with estimated minutes and stop")
     ap.add_argument("--table", action="store_true", help="only rewrite the table and plot")
     ap.add_argument(
+        "--rejudge", action="store_true", help="score finished cells' stored replies by today's fact judge"
+    )
+    ap.add_argument(
         "--probe",
         action="store_true",
         help="add the knowledge probe to finished cells (and the base), then stop",
@@ -936,8 +993,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print_plan(cells, load_results(results_dir), args)
         return 0
+    if args.rejudge:
+        rejudge_cells(cells, args)
     write_outputs(cells, load_results(results_dir), Path(args.out), args)
-    if args.table:
+    if args.table or args.rejudge:
         return 0
     if args.threads:
         import torch
