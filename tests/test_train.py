@@ -327,6 +327,14 @@ def test_shipped_adapter_becomes_the_default(setup, sft_run, tmp_path, monkeypat
     assert all(v.dtype == torch.bfloat16 for v in load_file(dest / "adapter_model.safetensors").values())
     assert default_adapter(setup.model, "ojousama", root=tmp_path / "adapters") == str(dest)
     assert default_adapter("other-model", "ojousama", root=tmp_path / "adapters") is None
+    # Shipping another default for the same model and persona demotes the earlier one: one default each.
+    root = tmp_path / "adapters2"
+    first = ship_adapter(setup.root / "sft", root / "a-first")
+    newer = ship_adapter(setup.root / "sft", root / "b-newer")
+    assert default_adapter(setup.model, "ojousama", root=root) == str(newer)
+    assert not json.loads((first / "rag_persona_adapter.json").read_text())["default"]
+    ship_adapter(setup.root / "sft", root / "c-opt-in", default=False)
+    assert default_adapter(setup.model, "ojousama", root=root) == str(newer)
     monkeypatch.setenv("RAG_PERSONA_CHAT_ADAPTER", "none")
     assert default_adapter(setup.model, "ojousama", root=tmp_path / "adapters") is None
     assert resolve_adapter(None, "none") is None and resolve_adapter(None, "x") == "x"

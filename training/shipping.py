@@ -99,4 +99,18 @@ def ship_adapter(
             **(extra or {}),
         }
         write_json(work / ADAPTER_MANIFEST, info, indent=1)
+    if default:
+        _demote_other_defaults(dest, info)
     return dest
+
+
+def _demote_other_defaults(dest: Path, info: dict) -> None:
+    """One default per base model and persona: the shipped siblings that were the default for this adapter's
+    model and persona stop being it (they stay one --adapter away)."""
+    for manifest in sorted(dest.parent.glob(f"*/{ADAPTER_MANIFEST}")):
+        if manifest.parent.resolve() == dest.resolve():
+            continue
+        other = json.loads(manifest.read_text(encoding="utf-8"))
+        same = (other.get("base_model"), other.get("persona")) == (info["base_model"], info["persona"])
+        if same and other.get("default"):
+            write_json(manifest, {**other, "default": False}, indent=1)
