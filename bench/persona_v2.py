@@ -34,16 +34,16 @@ VARIANTS = {
     "base": ("qwen2.5-coder-0.5b", "none"),
     "v1": ("qwen2.5-coder-0.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-0.5b")),
     "v2-sft": ("qwen2.5-coder-0.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-0.5b-v2")),
-    "v2-dpo": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "dpo-v2-0.5b-cpu")),
+    "v2-dpo": ("qwen2.5-coder-0.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-0.5b-v2-dpo")),
     "1.5b-base": ("qwen2.5-coder-1.5b", "none"),
-    "1.5b-v2-sft": ("qwen2.5-coder-1.5b", str(ROOT / "runs" / "sft-v2-1.5b-cpu")),
+    "1.5b-v2-sft": ("qwen2.5-coder-1.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-1.5b-v2")),
     "1.5b-v2-dpo": ("qwen2.5-coder-1.5b", str(ROOT / "runs" / "dpo-v2-1.5b-cpu")),
 }
 LABELS = {
     "base": "0.5B base",
-    "v1": "0.5B v1 SFT+DPO (default)",
+    "v1": "0.5B v1 SFT+DPO",
     "v2-sft": "0.5B v2 SFT",
-    "v2-dpo": "0.5B v2 SFT+DPO",
+    "v2-dpo": "0.5B v2 SFT+DPO (default)",
     "1.5b-base": "1.5B base",
     "1.5b-v2-sft": "1.5B v2 SFT",
     "1.5b-v2-dpo": "1.5B v2 SFT+DPO",
@@ -144,9 +144,9 @@ def write(args, prompts, rows, reports, earlier) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", default=str(ROOT / "runs" / "data-v2" / "eval_prompts.jsonl"))
-    ap.add_argument("--variants", default="base,v1,v2-sft,v2-dpo")
+    ap.add_argument("--variants", default="v1,v2-sft,v2-dpo,1.5b-v2-sft")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "persona_v2.md"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "persona_v2_all.md"))
     ap.add_argument("--with", dest="earlier", default="", help="Comma-separated .json files of earlier runs.")
     ap.add_argument("--rejudge", action="store_true", help="Judge the --with replies again by today's rules.")
     args = ap.parse_args(argv)
@@ -168,12 +168,12 @@ def main(argv=None) -> int:
         old = json.loads(Path(path).read_text(encoding="utf-8"))
         if old.get("prompts", args.prompts) != args.prompts:
             raise SystemExit(f"--with {path}: measured on {old['prompts']}, not {args.prompts}")
-        for key, report in old["reports"].items():
+        # summaries are keyed by label, reports by variant, both in table order (labels may have changed since)
+        for (key, report), summary in zip(old["reports"].items(), old["summary"].values(), strict=True):
             if len(report["replies"]) != len(prompts):
                 raise SystemExit(
                     f"--with {path}: {key} has {len(report['replies'])} replies, not {len(prompts)}"
                 )
-            summary = old["summary"][LABELS.get(key, key)]
             if args.rejudge:
                 report = {**report, **rejudge(report["replies"], load_prompts(args.prompts), persona, facts)}
                 summary = {**summary, **report["summary"], **split_facts(prompts, report["replies"])}
