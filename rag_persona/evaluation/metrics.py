@@ -171,7 +171,7 @@ def reply_metrics(
 # A compound key word (神奈川県鎌倉市) is also found when all its short units are (「神奈川県の鎌倉市」).
 # With a reference reply (held-out dialogue turns carry one), the key is only what the reference takes from
 # the fact: a question about one part of a fact (「お父さんも音楽家？」 of 「父は…50歳で小野寺商事の社長」)
-# is answered by that part, and the full-fact key judged 32% of the reference replies themselves wrong.
+# is answered by that part, and the full-fact key judged 31% of the reference replies themselves wrong.
 # A reply is correct when it matches at least one of its golden facts. Off-topic handling uses the same
 # key to tell whether a reply repeats an (irrelevant) retrieved fact.
 _BRACKETS = re.compile(r"[（(][^）)]*[）)]")
