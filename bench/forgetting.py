@@ -414,8 +414,8 @@ def rejudge_cells(cells, args) -> None:
     """Fact accuracy of finished SFT cells scored again from their stored replies by today's judge (the
     other persona columns do not depend on it); the old value is kept as fact_accuracy_before."""
     from rag_persona.chat import default_persona
-    from rag_persona.evaluation.evaluate import load_prompts, persona_texts, persona_words
-    from rag_persona.evaluation.metrics import PromptResult, judge
+    from rag_persona.evaluation.evaluate import judge_prompt, load_prompts
+    from rag_persona.evaluation.metrics import PromptResult
     from rag_persona.knowledge.facts import load_knowledge
 
     persona = default_persona(PERSONA)
@@ -436,15 +436,7 @@ def rejudge_cells(cells, args) -> None:
             result = PromptResult(
                 p.query, stored["reply"], bool(stored["ended_by_eos"]), [], list(p.golden_ids)
             )
-            verdict = judge(
-                result,
-                facts,
-                persona_words=persona_words(persona),
-                markers=persona.markers,
-                identity=(persona.name, persona.reading),
-                sources=[m["content"] for m in p.history] + persona_texts(persona),
-                reference=p.reference,
-            ).fact_correct
+            verdict = judge_prompt(result, p, persona, facts).fact_correct
             stored["fact_correct"] = verdict
             verdicts.append(bool(verdict))
         before = ev["summary"].get("fact_accuracy")

@@ -156,7 +156,10 @@ def persona_texts(persona: Persona) -> list[str]:
     return [persona.summary, persona.greeting or "", *(style.examples if style else ())]
 
 
-def _judge(result: PromptResult, p: EvalPrompt, persona: Persona, facts: dict[str, str], extra, tokens):
+def judge_prompt(
+    result: PromptResult, p: EvalPrompt, persona: Persona, facts: dict[str, str], extra=(), tokens=None
+):
+    """One reply to an evaluation prompt judged with everything the prompt and persona tell the judge."""
     return judge(
         result,
         facts,
@@ -183,7 +186,7 @@ def rejudge(replies: Sequence[dict], prompts: Sequence[EvalPrompt], persona: Per
             k: stored[k] for k in ("query", "reply", "ended_by_eos", "context_ids", "golden_ids", "kind")
         }
         result = PromptResult(**fields, new_tokens=stored["new_tokens"], seconds=stored["seconds"])
-        result = _judge(result, p, persona, facts, (), None)
+        result = judge_prompt(result, p, persona, facts)
         result.metrics.leaked = list((stored.get("metrics") or {}).get("leaked", []))
         results.append(result)
     return {"replies": [r.to_dict() for r in results], "summary": summarize(results)}
@@ -214,7 +217,7 @@ def evaluate_chat(
             new_tokens=turn.reply.new_tokens,
             seconds=round(turn.reply.seconds, 2),
         )
-        results.append(_judge(result, p, chat.persona, facts, extra, tokens))
+        results.append(judge_prompt(result, p, chat.persona, facts, extra, tokens))
         if progress:
             elapsed = time.perf_counter() - started
             eta = elapsed / i * (len(prompts) - i)
