@@ -112,7 +112,53 @@ def audit_labels_cmd(
         raise typer.Exit(1)
 
 
+def onpolicy_pairs_cmd(
+    data: Annotated[Path, typer.Option("--data", help="A build-data folder (its DPO train/eval files).")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder for the pairs (dpo_op_train/eval.jsonl).")
+    ],
+    model: Annotated[
+        str | None, typer.Option("--model", help="The model to improve (default: bundled 0.5B).")
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="Its adapter ('none': base; default: the shipped one).")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="auto, llama.cpp, transformers or a server URL.")
+    ] = "auto",
+    persona: Annotated[str | None, typer.Option("--persona", help="Persona id or folder.")] = None,
+    per_kind: Annotated[int, typer.Option(help="Grounded prompts answered per conversation kind.")] = 150,
+    mix: Annotated[int, typer.Option(help="Rows of the source DPO file kept beside the pairs.")] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """DPO pairs from the model's own failing replies (judged as evaluate judges) to training prompts,
+    the reference reply chosen; resumable (replies are kept beside OUT until the folder is written)."""
+    from training.data.onpolicy import build_onpolicy
+
+    manifest = build_onpolicy(
+        data,
+        out,
+        model=model,
+        adapter=adapter,
+        engine=engine,
+        persona_id=persona,
+        per_kind=per_kind,
+        mix=mix,
+        seed=seed,
+        progress=lambda msg: typer.echo(msg, err=True),
+    )
+    if as_json:
+        echo_json(manifest)
+    else:
+        c = manifest["counts"]
+        typer.echo(
+            f"{c['pairs']} pairs from {c['rows']} replies + {manifest['mixed_source_rows']} source rows → {out}"
+        )
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands to the `rag-persona` app."""
     app.command("build-data")(friendly(build_data))
     app.command("audit-labels")(friendly(audit_labels_cmd))
+    app.command("onpolicy-pairs")(friendly(onpolicy_pairs_cmd))

@@ -1,0 +1,134 @@
+"""On-policy DPO pairs: the model's own failing replies to training prompts, judged as evaluate judges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+from typer.testing import CliRunner
+
+from rag_persona.cli.app import app
+from rag_persona.prompts import ContextFact, build_messages
+from rag_persona.settings import KNOWLEDGE_ROOT
+from rag_persona.utils.io import write_jsonl
+from training.data.onpolicy import MARKER, TRAIN_FILE, Sampled, onpolicy_pairs, pick_rows
+
+FACTS = {
+    "profile-age": "小野寺絢音は17歳の高校2年生。",
+    "hobby-piano": "趣味はピアノで、5歳から習っている。",
+}
+
+
+def _row(persona, rid, query, chosen, kind, golden=(), context=(), raft="none"):
+    ctx = [ContextFact(fid, FACTS[fid], 0.9) for fid in context]
+    return {
+        "id": rid,
+        "prompt": build_messages(persona, ctx, [], query),
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": "plain"}],
+        "kind": kind,
+        "golden_ids": list(golden),
+        "context_ids": list(context),
+        "raft": raft,
+    }
+
+
+@pytest.fixture
+def rows(persona):
+    return [
+        _row(
+            persona, "a-t0", "何歳なの？", "わたくしは17歳ですわ。", "fact", ["profile-age"], ["profile-age"]
+        ),
+        _row(persona, "b-t0", "君は誰？", "わたくしは小野寺絢音と申しますの。", "identity"),
+        _row(
+            persona,
+            "c-t0",
+            "ピアノはいつから？",
+            "5歳から習っておりますの。",
+            "fact",
+            ["hobby-piano"],
+            ["hobby-piano"],
+        ),
+        # The golden fact is not in the prompt: its chosen answer would teach stating what the context lacks.
+        _row(persona, "d-t0", "ピアノ歴は？", "5歳から続けておりますわ。", "fact", ["hobby-piano"], []),
+        _row(
+            persona,
+            "e-t0",
+            "何歳？",
+            "17歳ですわ。",
+            "fact",
+            ["profile-age"],
+            ["profile-age"],
+            raft="drop_golden",
+        ),
+        _row(persona, "f-t0", "1キロって何メートル？", "1000メートルですわ。", "general"),
+    ]
+
+
+def test_only_grounded_rows_are_answered_capped_per_kind(rows):
+    picked = [r["id"] for r in pick_rows(rows, per_kind=10, seed=0)]
+    assert picked == ["a-t0", "b-t0", "c-t0", "f-t0"]
+    capped = pick_rows(rows, per_kind=1, seed=0)
+    assert sorted(r["kind"] for r in capped) == ["fact", "general", "identity"]
+    assert pick_rows(rows, per_kind=1, seed=0) == capped  # seeded
+
+
+def test_failing_replies_become_rejected_and_passing_ones_do_not(rows, persona):
+    replies = {
+        "a-t0": Sampled("わたくしは15歳ですわ。", True),  # wrong fact, invented number
+        "b-t0": Sampled("ごきげんよう、お会いできて嬉しいですわ。", True),  # never names herself
+        "c-t0": Sampled("5歳からピアノを習っておりますの。", True),  # right
+        # The reference's own "1000" is in no fact: the judge's invented-specifics rule excuses it here.
+        "f-t0": Sampled("1キロは1000メートルですわ。", True),
+    }
+    picked = pick_rows(rows, per_kind=10, seed=0)
+    pairs, counts = onpolicy_pairs(picked, lambda r: replies[r["id"]], persona, FACTS)
+    by_id = {p["id"]: p for p in pairs}
+    assert sorted(by_id) == ["a-t0", "b-t0"]
+    assert by_id["a-t0"]["onpolicy"] == ["fact", "invented"]
+    assert by_id["b-t0"]["onpolicy"] == ["identity"]
+    assert by_id["b-t0"]["rejected"] == [{"role": "assistant", "content": replies["b-t0"].text}]
+    assert by_id["b-t0"]["chosen"] == rows[1]["chosen"] and by_id["b-t0"]["prompt"] == rows[1]["prompt"]
+    assert counts["rows"] == 4 and counts["pairs"] == 2
+
+
+def test_cli_answers_with_the_model_writes_the_folder_and_resumes(tmp_path, tiny_model_dir, rows):
+    data = tmp_path / "data"
+    write_jsonl(data / "dpo_d1_train.jsonl", rows)
+    write_jsonl(data / "dpo_d1_eval.jsonl", rows[:1])
+    out = tmp_path / "pairs"
+    # A reply kept from a killed run is used, not generated again: the reference itself (so no pair).
+    cache = tmp_path / "pairs.replies.jsonl"
+    cache.write_text(
+        json.dumps({"id": "c-t0", "text": rows[2]["chosen"][0]["content"], "ended_by_eos": True}) + "\n",
+        encoding="utf-8",
+    )
+    args = ["--data", str(data), "--out", str(out), "--model", str(tiny_model_dir), "--adapter", "none"]
+    args += [
+        "--engine",
+        "transformers",
+        "--persona",
+        str(KNOWLEDGE_ROOT / "ojousama"),
+        "--mix",
+        "1",
+        "--json",
+    ]
+    result = run_cli("onpolicy-pairs", *args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    train = [json.loads(line) for line in (out / TRAIN_FILE).read_text(encoding="utf-8").splitlines()]
+    # The random model's replies fail (or run on without EOS) on every row but the one answered from the cache.
+    paired = sorted(r["id"] for r in train if "onpolicy" in r)
+    assert paired == ["a-t0", "b-t0", "f-t0"]
+    assert manifest["counts"]["rows"] == 4 and manifest["counts"]["pairs"] == 3
+    assert len(train) == 4 and manifest["mixed_source_rows"] == 1  # plus one source row for the register
+    assert not cache.exists()
+    # Someone else's folder is refused, untouched.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine", encoding="utf-8")
+    args[args.index(str(out))] = str(foreign)
+    refused = CliRunner().invoke(app, ["onpolicy-pairs", *args])
+    assert refused.exit_code != 0 and "foreign" in refused.output and "grounded prompts" not in refused.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]

@@ -1,0 +1,235 @@
+"""On-policy preference pairs: the model's own failing replies to training prompts become DPO's rejected answers.
+
+The D1 pairs teach the register (お嬢様 chosen over plain). They say nothing about the failures the persona
+metrics count: not naming herself, missing the retrieved fact, answering an off-topic request, inventing
+specifics. Here the model to improve answers each training prompt as the chat would (same messages, greedy);
+the evaluation judge scores the reply against the turn's reference; a reply that fails becomes the rejected
+answer beside the reference as the chosen one. Only grounded turns are used: the golden facts are in the
+prompt's context (or the turn needs none), so the chosen answer never teaches stating what the context lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rag_persona.evaluation.evaluate import EvalPrompt, judge_prompt
+from rag_persona.evaluation.metrics import PromptResult
+from rag_persona.prompts import Persona
+from rag_persona.utils.io import atomic_folder, check_replaceable, read_jsonl, write_jsonl
+
+MARKER = "onpolicy_manifest.json"
+TRAIN_FILE = "dpo_op_train.jsonl"
+EVAL_FILE = "dpo_op_eval.jsonl"
+
+
+@dataclass
+class Sampled:
+    """One generated reply to a training row's prompt."""
+
+    text: str
+    ended_by_eos: bool
+    new_tokens: int = 0
+
+
+def failures(result: PromptResult) -> list[str]:
+    """Why a judged reply is worse than its reference, in the persona metrics' terms (empty: it passes)."""
+    reasons = []
+    if result.identity_ok is False:
+        reasons.append("identity")
+    if result.fact_correct is False:
+        reasons.append("fact")
+    if result.offtopic_ok is False:
+        reasons.append("offtopic")
+    if result.invented:
+        reasons.append("invented")
+    if result.malformed:
+        reasons.append("malformed")
+    if not result.ended_by_eos:
+        reasons.append("eos")
+    if result.metrics is not None and result.metrics.style is False:
+        reasons.append("style")
+    return reasons
+
+
+def grounded(row: dict) -> bool:
+    """The chosen answer uses only what the prompt gives: its golden facts are all in the context."""
+    return row.get("raft") != "drop_golden" and set(row.get("golden_ids") or ()) <= set(
+        row.get("context_ids") or ()
+    )
+
+
+def pick_rows(rows: Sequence[dict], per_kind: int, seed: int) -> list[dict]:
+    """Grounded rows, at most `per_kind` of each conversation kind (a seeded sample), in file order."""
+    by_kind: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        if grounded(row):
+            by_kind.setdefault(str(row.get("kind", "")), []).append(i)
+    rng = random.Random(f"{seed}-onpolicy")
+    keep = set()
+    for idx in by_kind.values():
+        keep.update(idx if len(idx) <= per_kind else rng.sample(idx, per_kind))
+    return [rows[i] for i in sorted(keep)]
+
+
+def as_eval_prompt(row: dict) -> EvalPrompt:
+    """A DPO row's prompt as the evaluation sees a held-out one: query, history, golden ids, reference."""
+    messages = row["prompt"]
+    return EvalPrompt(
+        query=messages[-1]["content"],
+        history=[m for m in messages[1:-1]],
+        golden_ids=list(row.get("golden_ids") or ()),
+        kind=str(row.get("kind", "")),
+        reference=row["chosen"][-1]["content"],
+        id=str(row.get("id", "")),
+    )
+
+
+def judge_sample(row: dict, sample: Sampled, persona: Persona, facts: dict[str, str]) -> PromptResult:
+    p = as_eval_prompt(row)
+    result = PromptResult(
+        query=p.query,
+        reply=sample.text,
+        ended_by_eos=sample.ended_by_eos,
+        context_ids=list(row.get("context_ids") or ()),
+        golden_ids=p.golden_ids,
+        kind=p.kind,
+        new_tokens=sample.new_tokens,
+    )
+    return judge_prompt(result, p, persona, facts)
+
+
+def onpolicy_pairs(
+    rows: Iterable[dict],
+    sample: Callable[[dict], Sampled],
+    persona: Persona,
+    facts: dict[str, str],
+    progress: Callable[[str], None] = lambda msg: None,
+) -> tuple[list[dict], Counter]:
+    """(pairs, counts): each row answered by `sample`; a failing reply → the row with it as `rejected`."""
+    pairs, counts = [], Counter()
+    rows = list(rows)
+    for i, row in enumerate(rows, 1):
+        got = sample(row)
+        # What the reference itself fails (a general question's 1000 that no fact holds) is no fault here.
+        ref = Sampled(row["chosen"][-1]["content"], True)
+        excused = set(failures(judge_sample(row, ref, persona, facts)))
+        why = [w for w in failures(judge_sample(row, got, persona, facts)) if w not in excused]
+        counts["rows"] += 1
+        counts.update(f"fail:{w}" for w in why)
+        if why and got.text.strip() != row["chosen"][-1]["content"].strip():
+            pairs.append({**row, "rejected": [{"role": "assistant", "content": got.text}], "onpolicy": why})
+        if i % 25 == 0 or i == len(rows):
+            progress(f"[{i}/{len(rows)}] {len(pairs)} failing replies so far")
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def write_pairs(
+    out: str | Path,
+    pairs: Sequence[dict],
+    mix: Sequence[dict],
+    eval_rows: Sequence[dict],
+    manifest: dict,
+) -> Path:
+    """The pairs plus `mix` (rows of the source DPO file kept for the register) as one DPO data folder."""
+    train = sorted([*pairs, *mix], key=lambda r: r["id"])
+    with atomic_folder(out, marker=MARKER, what="on-policy pairs output") as work:
+        write_jsonl(work / TRAIN_FILE, train)
+        write_jsonl(work / EVAL_FILE, eval_rows)
+        manifest = {
+            **manifest,
+            "counts": {**manifest.get("counts", {}), "train": len(train), "eval": len(eval_rows)},
+        }
+        (work / MARKER).write_text(
+            json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+        )
+    return Path(out)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [obj for _, obj in read_jsonl(path, missing="DPO data file not found")]
+
+
+def build_onpolicy(
+    data: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    adapter: str | None = None,
+    engine: str = "auto",
+    persona_id: str | None = None,
+    source: str = "dpo_d1_train.jsonl",
+    eval_source: str = "dpo_d1_eval.jsonl",
+    per_kind: int = 150,
+    mix: int = 32,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Answer a sample of DATA/SOURCE's prompts with the model (+ adapter), write the failing ones as pairs.
+
+    Replies are appended to OUT.replies.jsonl as they come, so a killed run resumes where it stopped; the
+    folder itself is written whole at the end. Returns the manifest.
+    """
+    from rag_persona.chat import default_persona
+    from rag_persona.evaluation.evaluate import resolve_adapter
+    from rag_persona.generation import GenerationSettings, ReplyStream
+    from rag_persona.generation.engines import open_engine
+    from rag_persona.knowledge.facts import load_knowledge
+    from rag_persona.utils.io import file_sha256
+
+    data, out = Path(data), Path(out)
+    check_replaceable(out.absolute(), MARKER, "on-policy pairs output")  # before an hour of generation
+    rows = read_rows(data / source)
+    picked = pick_rows(rows, per_kind, seed)
+    persona = default_persona(persona_id)
+    facts = {f.id: f.text for f in load_knowledge(persona.folder).facts}
+    adapter = resolve_adapter(model, adapter, persona.id)
+    cache_path = out.with_name(out.name + ".replies.jsonl")
+    cache = {o["id"]: o for _, o in read_jsonl(cache_path)} if cache_path.is_file() else {}
+    progress(
+        f"{len(picked)} grounded prompts of {len(rows)} ({len(cache)} answered before); adapter {adapter}"
+    )
+    backend = open_engine(engine, model, adapter=adapter, progress=progress)
+    settings = GenerationSettings()
+
+    def sample(row: dict) -> Sampled:
+        if row["id"] not in cache:
+            stream = ReplyStream(backend, row["prompt"], settings)
+            for _ in stream:
+                pass
+            r = stream.reply
+            cache[row["id"]] = {
+                "id": row["id"],
+                "text": r.text,
+                "ended_by_eos": r.ended_by_eos,
+                "new_tokens": r.new_tokens,
+            }
+            with cache_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(cache[row["id"]], ensure_ascii=False) + "\n")
+        c = cache[row["id"]]
+        return Sampled(c["text"], bool(c["ended_by_eos"]), int(c.get("new_tokens", 0)))
+
+    pairs, counts = onpolicy_pairs(picked, sample, persona, facts, progress)
+    chosen_ids = {r["id"] for r in picked}
+    rest = [r for r in rows if r["id"] not in chosen_ids]
+    kept = random.Random(f"{seed}-mix").sample(rest, min(mix, len(rest)))
+    manifest = {
+        "source": str(data / source),
+        "source_sha256": file_sha256(data / source),
+        "model": model,
+        "adapter": adapter,
+        "engine": engine,
+        "per_kind": per_kind,
+        "seed": seed,
+        "mixed_source_rows": len(kept),
+        "counts": dict(counts),
+        "pairs_by_kind": dict(Counter(p["kind"] for p in pairs)),
+    }
+    write_pairs(out, pairs, kept, read_rows(data / eval_source), manifest)
+    cache_path.unlink(missing_ok=True)
+    return manifest
