@@ -17,8 +17,8 @@ from typing import Annotated
 import typer
 
 from rag_persona.cli import _progress, friendly
+from rag_persona.cli.common import AdapterOpt, EngineOpt, ModelOpt
 from rag_persona.errors import RagPersonaError
-from rag_persona.generation.engines import ENGINE_HELP
 
 from .access import ADMIN_AUTH_ENV, AUTH_ENV, LOCAL_HOSTS, Access, access_from_options
 
@@ -176,15 +176,8 @@ def register(app: typer.Typer) -> None:
                 "--admin", help="Administration for anyone who opens the page; only with a localhost --host."
             ),
         ] = False,
-        model: Annotated[
-            str | None, typer.Option("--model", help="Bundled alias, hub id or local folder.")
-        ] = None,
-        adapter: Annotated[
-            str | None,
-            typer.Option(
-                "--adapter", help="A peft adapter folder ('none': base model; default: the chat's)."
-            ),
-        ] = None,
+        model: ModelOpt = None,
+        adapter: AdapterOpt = None,
         index: Annotated[
             Path | None,
             typer.Option("--index", help="Index folder (default: the persona's); only with one persona."),
@@ -201,7 +194,7 @@ def register(app: typer.Typer) -> None:
         share: Annotated[
             str, typer.Option("--share", help="true: also open a public gradio.live link.")
         ] = "false",
-        engine: Annotated[str, typer.Option("--engine", help=ENGINE_HELP)] = "auto",
+        engine: EngineOpt = "auto",
     ) -> None:
         """Start the Gradio chat with the persona(s) and the OpenAI-compatible /v1/chat/completions on one port.
 

@@ -9,16 +9,20 @@ from typing import Annotated
 
 import typer
 
-from rag_persona.cli.common import JsonOpt, PersonaOpt, _progress, app, echo_json, friendly, open_index
+from rag_persona.cli.common import (
+    AdapterOpt,
+    EngineOpt,
+    JsonOpt,
+    ModelOpt,
+    PersonaOpt,
+    _progress,
+    app,
+    echo_json,
+    friendly,
+    open_index,
+)
 from rag_persona.errors import RagPersonaError
 
-ModelOpt = Annotated[
-    str | None, typer.Option("--model", help="Bundled alias, hub id or local folder (default: bundled 0.5B).")
-]
-AdapterOpt = Annotated[
-    str | None,
-    typer.Option("--adapter", help="A peft adapter folder ('none': base model; default: the shipped one)."),
-]
 IndexOpt = Annotated[str | None, typer.Option("--index", help="Index folder (default: persona's).")]
 
 
@@ -26,16 +30,6 @@ def _write_stream(stream) -> None:
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
-
-
-EngineOpt = Annotated[
-    str,
-    typer.Option(
-        "--engine",
-        help="auto (llama.cpp for GGUF chat on CPU, transformers for HF models and CUDA), llama.cpp, "
-        "transformers, or the URL of an OpenAI-compatible server (vLLM, llama.cpp server).",
-    ),
-]
 
 
 def open_chat_engine(engine: str, model: str | None, adapter: str | None, persona: str | None = None):

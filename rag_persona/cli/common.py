@@ -51,3 +51,18 @@ PersonaOpt = Annotated[
 
 
 JsonOpt = Annotated[bool, typer.Option("--json")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Bundled alias, hub id or local folder (default: bundled 0.5B).")
+]
+AdapterOpt = Annotated[
+    str | None,
+    typer.Option("--adapter", help="A peft adapter folder ('none': base model; default: the shipped one)."),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="auto (llama.cpp for GGUF chat on CPU, transformers for HF models and CUDA), llama.cpp, "
+        "transformers, or the URL of an OpenAI-compatible server (vLLM, llama.cpp server).",
+    ),
+]

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from rag_persona.cli import echo_json, friendly
+from rag_persona.cli.common import AdapterOpt, EngineOpt, JsonOpt, ModelOpt, PersonaOpt
 
 
 def build_data(
@@ -117,20 +118,14 @@ def onpolicy_pairs_cmd(
     out: Annotated[
         Path, typer.Option("--out", help="Output folder for the pairs (dpo_op_train/eval.jsonl).")
     ],
-    model: Annotated[
-        str | None, typer.Option("--model", help="The model to improve (default: bundled 0.5B).")
-    ] = None,
-    adapter: Annotated[
-        str | None, typer.Option("--adapter", help="Its adapter ('none': base; default: the shipped one).")
-    ] = None,
-    engine: Annotated[
-        str, typer.Option("--engine", help="auto, llama.cpp, transformers or a server URL.")
-    ] = "auto",
-    persona: Annotated[str | None, typer.Option("--persona", help="Persona id or folder.")] = None,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    engine: EngineOpt = "auto",
+    persona: PersonaOpt = None,
     per_kind: Annotated[int, typer.Option(help="Grounded prompts answered per conversation kind.")] = 150,
     mix: Annotated[int, typer.Option(help="Rows of the source DPO file kept beside the pairs.")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """DPO pairs from the model's own failing replies (judged as evaluate judges) to training prompts,
     the reference reply chosen; resumable (replies are kept beside OUT until the folder is written)."""
