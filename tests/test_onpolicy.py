@@ -83,14 +83,29 @@ def test_failing_replies_become_rejected_and_passing_ones_do_not(rows, persona):
         "f-t0": Sampled("1キロは1000メートルですわ。", True),
     }
     picked = pick_rows(rows, per_kind=10, seed=0)
-    pairs, counts = onpolicy_pairs(picked, lambda r: replies[r["id"]], persona, FACTS)
+    pairs, counts = onpolicy_pairs(picked, lambda r, k: replies[r["id"]], persona, FACTS)
     by_id = {p["id"]: p for p in pairs}
     assert sorted(by_id) == ["a-t0", "b-t0"]
     assert by_id["a-t0"]["onpolicy"] == ["fact", "invented"]
     assert by_id["b-t0"]["onpolicy"] == ["identity"]
     assert by_id["b-t0"]["rejected"] == [{"role": "assistant", "content": replies["b-t0"].text}]
     assert by_id["b-t0"]["chosen"] == rows[1]["chosen"] and by_id["b-t0"]["prompt"] == rows[1]["prompt"]
-    assert counts["rows"] == 4 and counts["pairs"] == 2
+    assert counts["rows"] == 4 and counts["pairs"] == 2 and counts["greedy"] == 2
+
+
+def test_a_passing_greedy_reply_gets_sampled_tries_until_one_fails(rows, persona):
+    picked = [r for r in pick_rows(rows, per_kind=10, seed=0) if r["id"] == "b-t0"]
+    tries = [Sampled("わたくしは小野寺絢音ですわ。", True), Sampled("ごきげんよう、嬉しいですわ。", True)]
+    seen = []
+
+    def sample(row, k):
+        seen.append(k)
+        return tries[min(k, 1)]
+
+    pairs, counts = onpolicy_pairs(picked, sample, persona, FACTS, attempts=lambda r: 3)
+    assert seen == [0, 1] and counts["sampled"] == 1
+    assert pairs[0]["onpolicy"] == ["identity"] and pairs[0]["onpolicy_attempt"] == 1
+    assert pairs[0]["rejected"][0]["content"] == tries[1].text
 
 
 def test_cli_answers_with_the_model_writes_the_folder_and_resumes(tmp_path, tiny_model_dir, rows):
@@ -124,6 +139,8 @@ def test_cli_answers_with_the_model_writes_the_folder_and_resumes(tmp_path, tiny
     assert manifest["counts"]["rows"] == 4 and manifest["counts"]["pairs"] == 3
     assert len(train) == 4 and manifest["mixed_source_rows"] == 1  # plus one source row for the register
     assert not cache.exists()
+    kept = [json.loads(line) for line in (out / "replies.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["id"] for r in kept) == ["a-t0", "b-t0", "c-t0", "f-t0"]  # every reply, kept with the pairs
     # Someone else's folder is refused, untouched.
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -125,6 +125,12 @@ def onpolicy_pairs_cmd(
     per_kind: Annotated[int, typer.Option(help="Grounded prompts answered per conversation kind.")] = 150,
     mix: Annotated[int, typer.Option(help="Rows of the source DPO file kept beside the pairs.")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    samples: Annotated[
+        int, typer.Option(help="Replies tried per prompt: greedy, then sampled ones until one fails.")
+    ] = 1,
+    sample_kinds: Annotated[
+        str, typer.Option(help="Comma-separated kinds that get the sampled tries (default: all).")
+    ] = "",
     as_json: JsonOpt = False,
 ) -> None:
     """DPO pairs from the model's own failing replies (judged as evaluate judges) to training prompts,
@@ -141,6 +147,8 @@ def onpolicy_pairs_cmd(
         per_kind=per_kind,
         mix=mix,
         seed=seed,
+        samples=samples,
+        sample_kinds=[k for k in sample_kinds.split(",") if k.strip()],
         progress=lambda msg: typer.echo(msg, err=True),
     )
     if as_json:

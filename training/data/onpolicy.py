@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rag_persona.evaluation.evaluate import EvalPrompt, judge_prompt
@@ -25,6 +27,7 @@ from rag_persona.utils.io import atomic_folder, check_replaceable, read_jsonl, w
 MARKER = "onpolicy_manifest.json"
 TRAIN_FILE = "dpo_op_train.jsonl"
 EVAL_FILE = "dpo_op_eval.jsonl"
+REPLIES_FILE = "replies.jsonl"
 
 
 @dataclass
@@ -105,24 +108,30 @@ def judge_sample(row: dict, sample: Sampled, persona: Persona, facts: dict[str, 
 
 def onpolicy_pairs(
     rows: Iterable[dict],
-    sample: Callable[[dict], Sampled],
+    sample: Callable[[dict, int], Sampled],
     persona: Persona,
     facts: dict[str, str],
     progress: Callable[[str], None] = lambda msg: None,
+    attempts: Callable[[dict], int] = lambda row: 1,
 ) -> tuple[list[dict], Counter]:
-    """(pairs, counts): each row answered by `sample`; a failing reply → the row with it as `rejected`."""
+    """(pairs, counts): each row answered by `sample(row, k)` for k < attempts(row) (0: greedy, then
+    sampled) until a reply fails; the failing reply → the row with it as `rejected`."""
     pairs, counts = [], Counter()
     rows = list(rows)
     for i, row in enumerate(rows, 1):
-        got = sample(row)
+        chosen = row["chosen"][-1]["content"]
         # What the reference itself fails (a general question's 1000 that no fact holds) is no fault here.
-        ref = Sampled(row["chosen"][-1]["content"], True)
-        excused = set(failures(judge_sample(row, ref, persona, facts)))
-        why = [w for w in failures(judge_sample(row, got, persona, facts)) if w not in excused]
+        excused = set(failures(judge_sample(row, Sampled(chosen, True), persona, facts)))
         counts["rows"] += 1
-        counts.update(f"fail:{w}" for w in why)
-        if why and got.text.strip() != row["chosen"][-1]["content"].strip():
-            pairs.append({**row, "rejected": [{"role": "assistant", "content": got.text}], "onpolicy": why})
+        for k in range(attempts(row)):
+            got = sample(row, k)
+            why = [w for w in failures(judge_sample(row, got, persona, facts)) if w not in excused]
+            if why and got.text.strip() != chosen.strip():
+                counts.update(f"fail:{w}" for w in why)
+                counts["greedy" if k == 0 else "sampled"] += 1
+                rejected = [{"role": "assistant", "content": got.text}]
+                pairs.append({**row, "rejected": rejected, "onpolicy": why, "onpolicy_attempt": k})
+                break
         if i % 25 == 0 or i == len(rows):
             progress(f"[{i}/{len(rows)}] {len(pairs)} failing replies so far")
     counts["pairs"] = len(pairs)
@@ -135,12 +144,15 @@ def write_pairs(
     mix: Sequence[dict],
     eval_rows: Sequence[dict],
     manifest: dict,
+    replies: Path | None = None,
 ) -> Path:
     """The pairs plus `mix` (rows of the source DPO file kept for the register) as one DPO data folder."""
     train = sorted([*pairs, *mix], key=lambda r: r["id"])
     with atomic_folder(out, marker=MARKER, what="on-policy pairs output") as work:
         write_jsonl(work / TRAIN_FILE, train)
         write_jsonl(work / EVAL_FILE, eval_rows)
+        if replies is not None and replies.is_file():
+            shutil.copyfile(replies, work / REPLIES_FILE)  # every reply judged, failing or not
         manifest = {
             **manifest,
             "counts": {**manifest.get("counts", {}), "train": len(train), "eval": len(eval_rows)},
@@ -168,12 +180,16 @@ def build_onpolicy(
     per_kind: int = 150,
     mix: int = 32,
     seed: int = 0,
+    samples: int = 1,
+    sample_kinds: Sequence[str] = (),
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Answer a sample of DATA/SOURCE's prompts with the model (+ adapter), write the failing ones as pairs.
 
-    Replies are appended to OUT.replies.jsonl as they come, so a killed run resumes where it stopped; the
-    folder itself is written whole at the end. Returns the manifest.
+    A row whose greedy reply passes gets up to `samples` - 1 sampled replies (temperature 0.7, top-p 0.9,
+    seeded per row) when its kind is in `sample_kinds` (empty: every kind). Replies are appended to
+    OUT.replies.jsonl as they come, so a killed run resumes where it stopped; the folder is written whole at
+    the end, with every reply in its replies.jsonl. Returns the manifest.
     """
     from rag_persona.chat import default_persona
     from rag_persona.evaluation.evaluate import resolve_adapter
@@ -197,24 +213,29 @@ def build_onpolicy(
     backend = open_engine(engine, model, adapter=adapter, progress=progress)
     settings = GenerationSettings()
 
-    def sample(row: dict) -> Sampled:
-        if row["id"] not in cache:
-            stream = ReplyStream(backend, row["prompt"], settings)
+    def sample(row: dict, k: int) -> Sampled:
+        key = row["id"] if k == 0 else f"{row['id']}#{k}"
+        if key not in cache:
+            decode = settings if k == 0 else replace(settings, do_sample=True, seed=zlib.crc32(key.encode()))
+            stream = ReplyStream(backend, row["prompt"], decode)
             for _ in stream:
                 pass
             r = stream.reply
-            cache[row["id"]] = {
-                "id": row["id"],
+            cache[key] = {
+                "id": key,
                 "text": r.text,
                 "ended_by_eos": r.ended_by_eos,
                 "new_tokens": r.new_tokens,
             }
             with cache_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(cache[row["id"]], ensure_ascii=False) + "\n")
-        c = cache[row["id"]]
+                f.write(json.dumps(cache[key], ensure_ascii=False) + "\n")
+        c = cache[key]
         return Sampled(c["text"], bool(c["ended_by_eos"]), int(c.get("new_tokens", 0)))
 
-    pairs, counts = onpolicy_pairs(picked, sample, persona, facts, progress)
+    def attempts(row: dict) -> int:
+        return samples if not sample_kinds or row.get("kind") in sample_kinds else 1
+
+    pairs, counts = onpolicy_pairs(picked, sample, persona, facts, progress, attempts)
     chosen_ids = {r["id"] for r in picked}
     rest = [r for r in rows if r["id"] not in chosen_ids]
     kept = random.Random(f"{seed}-mix").sample(rest, min(mix, len(rest)))
@@ -226,10 +247,12 @@ def build_onpolicy(
         "engine": engine,
         "per_kind": per_kind,
         "seed": seed,
+        "samples": samples,
+        "sample_kinds": list(sample_kinds),
         "mixed_source_rows": len(kept),
         "counts": dict(counts),
         "pairs_by_kind": dict(Counter(p["kind"] for p in pairs)),
     }
-    write_pairs(out, pairs, kept, read_rows(data / eval_source), manifest)
+    write_pairs(out, pairs, kept, read_rows(data / eval_source), manifest, replies=cache_path)
     cache_path.unlink(missing_ok=True)
     return manifest
