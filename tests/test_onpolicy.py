@@ -9,10 +9,11 @@ from conftest import run_cli
 from typer.testing import CliRunner
 
 from rag_persona.cli.app import app
+from rag_persona.errors import RagPersonaError
 from rag_persona.prompts import ContextFact, build_messages
 from rag_persona.settings import KNOWLEDGE_ROOT
 from rag_persona.utils.io import write_jsonl
-from training.data.onpolicy import MARKER, TRAIN_FILE, Sampled, onpolicy_pairs, pick_rows
+from training.data.onpolicy import MARKER, TRAIN_FILE, Sampled, onpolicy_pairs, per_kind_counts, pick_rows
 
 FACTS = {
     "profile-age": "小野寺絢音は17歳の高校2年生。",
@@ -72,6 +73,12 @@ def test_only_grounded_rows_are_answered_capped_per_kind(rows):
     capped = pick_rows(rows, per_kind=1, seed=0)
     assert sorted(r["kind"] for r in capped) == ["fact", "general", "identity"]
     assert pick_rows(rows, per_kind=1, seed=0) == capped  # seeded
+    named = pick_rows(rows, per_kind=per_kind_counts("0,fact=2", "--per-kind"), seed=0)
+    assert [r["id"] for r in named] == ["a-t0", "c-t0"]
+    with pytest.raises(RagPersonaError, match="identity=x"):
+        per_kind_counts("3,identity=x", "--per-kind")
+    with pytest.raises(RagPersonaError, match="default N"):
+        per_kind_counts("identity=3", "--per-kind")
 
 
 def test_failing_replies_become_rejected_and_passing_ones_do_not(rows, persona):
@@ -140,7 +147,12 @@ def test_cli_answers_with_the_model_writes_the_folder_and_resumes(tmp_path, tiny
     assert len(train) == 4 and manifest["mixed_source_rows"] == 1  # plus one source row for the register
     assert not cache.exists()
     kept = [json.loads(line) for line in (out / "replies.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert sorted(r["id"] for r in kept) == ["a-t0", "b-t0", "c-t0", "f-t0"]  # every reply, kept with the pairs
+    assert sorted(r["id"] for r in kept) == [
+        "a-t0",
+        "b-t0",
+        "c-t0",
+        "f-t0",
+    ]  # every reply, kept with the pairs
     # Someone else's folder is refused, untouched.
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -122,15 +122,17 @@ def onpolicy_pairs_cmd(
     adapter: AdapterOpt = None,
     engine: EngineOpt = "auto",
     persona: PersonaOpt = None,
-    per_kind: Annotated[int, typer.Option(help="Grounded prompts answered per conversation kind.")] = 150,
+    per_kind: Annotated[
+        str, typer.Option(help="Grounded prompts answered per conversation kind: N or N,KIND=N,…")
+    ] = "150",
     mix: Annotated[int, typer.Option(help="Rows of the source DPO file kept beside the pairs.")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     samples: Annotated[
-        int, typer.Option(help="Replies tried per prompt: greedy, then sampled ones until one fails.")
-    ] = 1,
-    sample_kinds: Annotated[
-        str, typer.Option(help="Comma-separated kinds that get the sampled tries (default: all).")
-    ] = "",
+        str,
+        typer.Option(
+            help="Replies tried per prompt (N or N,KIND=N,…): greedy, then sampled ones until one fails."
+        ),
+    ] = "1",
     as_json: JsonOpt = False,
 ) -> None:
     """DPO pairs from the model's own failing replies (judged as evaluate judges) to training prompts,
@@ -148,7 +150,6 @@ def onpolicy_pairs_cmd(
         mix=mix,
         seed=seed,
         samples=samples,
-        sample_kinds=[k for k in sample_kinds.split(",") if k.strip()],
         progress=lambda msg: typer.echo(msg, err=True),
     )
     if as_json:

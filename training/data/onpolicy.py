@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rag_persona.errors import RagPersonaError
 from rag_persona.evaluation.evaluate import EvalPrompt, judge_prompt
 from rag_persona.evaluation.metrics import PromptResult
 from rag_persona.prompts import Persona
@@ -66,16 +67,33 @@ def grounded(row: dict) -> bool:
     )
 
 
-def pick_rows(rows: Sequence[dict], per_kind: int, seed: int) -> list[dict]:
-    """Grounded rows, at most `per_kind` of each conversation kind (a seeded sample), in file order."""
+def per_kind_counts(spec: str, what: str) -> dict[str, int]:
+    """ "32,identity=64" → {"": 32, "identity": 64}: a default count and counts for named kinds."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        kind, _, value = part.rpartition("=")
+        try:
+            out[kind.strip()] = int(value)
+        except ValueError:
+            raise RagPersonaError(f"{what} {spec!r}: {part!r} is not N or KIND=N") from None
+    if "" not in out or any(v < 0 for v in out.values()):
+        raise RagPersonaError(f"{what} {spec!r}: needs a default N (counts ≥ 0), e.g. 32,identity=64")
+    return out
+
+
+def pick_rows(rows: Sequence[dict], per_kind: int | dict[str, int], seed: int) -> list[dict]:
+    """Grounded rows, at most `per_kind` of each conversation kind (a seeded sample), in file order;
+    `per_kind` may name counts per kind ({"": default, kind: n})."""
+    caps = per_kind if isinstance(per_kind, dict) else {"": per_kind}
     by_kind: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         if grounded(row):
             by_kind.setdefault(str(row.get("kind", "")), []).append(i)
     rng = random.Random(f"{seed}-onpolicy")
     keep = set()
-    for idx in by_kind.values():
-        keep.update(idx if len(idx) <= per_kind else rng.sample(idx, per_kind))
+    for kind, idx in by_kind.items():
+        cap = caps.get(kind, caps[""])
+        keep.update(idx if len(idx) <= cap else rng.sample(idx, cap))
     return [rows[i] for i in sorted(keep)]
 
 
@@ -177,19 +195,19 @@ def build_onpolicy(
     persona_id: str | None = None,
     source: str = "dpo_d1_train.jsonl",
     eval_source: str = "dpo_d1_eval.jsonl",
-    per_kind: int = 150,
+    per_kind: str = "150",
     mix: int = 32,
     seed: int = 0,
-    samples: int = 1,
-    sample_kinds: Sequence[str] = (),
+    samples: str = "1",
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Answer a sample of DATA/SOURCE's prompts with the model (+ adapter), write the failing ones as pairs.
 
-    A row whose greedy reply passes gets up to `samples` - 1 sampled replies (temperature 0.7, top-p 0.9,
-    seeded per row) when its kind is in `sample_kinds` (empty: every kind). Replies are appended to
-    OUT.replies.jsonl as they come, so a killed run resumes where it stopped; the folder is written whole at
-    the end, with every reply in its replies.jsonl. Returns the manifest.
+    `per_kind` ("32,identity=64"): grounded prompts answered per kind. A row whose greedy reply passes gets
+    up to `samples` - 1 sampled replies ("1,identity=4": per kind; temperature 0.7, top-p 0.9, seeded per
+    row) until one fails. Replies are appended to OUT.replies.jsonl as they come, so a killed run resumes
+    where it stopped; the folder is written whole at the end, with every reply in its replies.jsonl.
+    Returns the manifest.
     """
     from rag_persona.chat import default_persona
     from rag_persona.evaluation.evaluate import resolve_adapter
@@ -201,7 +219,8 @@ def build_onpolicy(
     data, out = Path(data), Path(out)
     check_replaceable(out.absolute(), MARKER, "on-policy pairs output")  # before an hour of generation
     rows = read_rows(data / source)
-    picked = pick_rows(rows, per_kind, seed)
+    caps, tries = per_kind_counts(per_kind, "--per-kind"), per_kind_counts(samples, "--samples")
+    picked = pick_rows(rows, caps, seed)
     persona = default_persona(persona_id)
     facts = {f.id: f.text for f in load_knowledge(persona.folder).facts}
     adapter = resolve_adapter(model, adapter, persona.id)
@@ -233,7 +252,7 @@ def build_onpolicy(
         return Sampled(c["text"], bool(c["ended_by_eos"]), int(c.get("new_tokens", 0)))
 
     def attempts(row: dict) -> int:
-        return samples if not sample_kinds or row.get("kind") in sample_kinds else 1
+        return max(1, tries.get(str(row.get("kind", "")), tries[""]))
 
     pairs, counts = onpolicy_pairs(picked, sample, persona, facts, progress, attempts)
     chosen_ids = {r["id"] for r in picked}
@@ -248,7 +267,6 @@ def build_onpolicy(
         "per_kind": per_kind,
         "seed": seed,
         "samples": samples,
-        "sample_kinds": list(sample_kinds),
         "mixed_source_rows": len(kept),
         "counts": dict(counts),
         "pairs_by_kind": dict(Counter(p["kind"] for p in pairs)),
