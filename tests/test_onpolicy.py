@@ -64,12 +64,14 @@ def rows(persona):
             raft="drop_golden",
         ),
         _row(persona, "f-t0", "1キロって何メートル？", "1000メートルですわ。", "general"),
+        # Who she is: the system prompt names her, whatever retrieval found.
+        _row(persona, "g-t0", "どちら様？", "小野寺絢音と申しますの。", "identity", ["profile-name"], []),
     ]
 
 
 def test_only_grounded_rows_are_answered_capped_per_kind(rows):
     picked = [r["id"] for r in pick_rows(rows, per_kind=10, seed=0)]
-    assert picked == ["a-t0", "b-t0", "c-t0", "f-t0"]
+    assert picked == ["a-t0", "b-t0", "c-t0", "f-t0", "g-t0"]
     capped = pick_rows(rows, per_kind=1, seed=0)
     assert sorted(r["kind"] for r in capped) == ["fact", "general", "identity"]
     assert pick_rows(rows, per_kind=1, seed=0) == capped  # seeded
@@ -89,7 +91,7 @@ def test_failing_replies_become_rejected_and_passing_ones_do_not(rows, persona):
         # The reference's own "1000" is in no fact: the judge's invented-specifics rule excuses it here.
         "f-t0": Sampled("1キロは1000メートルですわ。", True),
     }
-    picked = pick_rows(rows, per_kind=10, seed=0)
+    picked = [r for r in pick_rows(rows, per_kind=10, seed=0) if r["id"] in replies]
     pairs, counts = onpolicy_pairs(picked, lambda r, k: replies[r["id"]], persona, FACTS)
     by_id = {p["id"]: p for p in pairs}
     assert sorted(by_id) == ["a-t0", "b-t0"]
@@ -142,9 +144,9 @@ def test_cli_answers_with_the_model_writes_the_folder_and_resumes(tmp_path, tiny
     train = [json.loads(line) for line in (out / TRAIN_FILE).read_text(encoding="utf-8").splitlines()]
     # The random model's replies fail (or run on without EOS) on every row but the one answered from the cache.
     paired = sorted(r["id"] for r in train if "onpolicy" in r)
-    assert paired == ["a-t0", "b-t0", "f-t0"]
-    assert manifest["counts"]["rows"] == 4 and manifest["counts"]["pairs"] == 3
-    assert len(train) == 4 and manifest["mixed_source_rows"] == 1  # plus one source row for the register
+    assert paired == ["a-t0", "b-t0", "f-t0", "g-t0"]
+    assert manifest["counts"]["rows"] == 5 and manifest["counts"]["pairs"] == 4
+    assert len(train) == 5 and manifest["mixed_source_rows"] == 1  # plus one source row for the register
     assert not cache.exists()
     kept = [json.loads(line) for line in (out / "replies.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sorted(r["id"] for r in kept) == [
@@ -152,6 +154,7 @@ def test_cli_answers_with_the_model_writes_the_folder_and_resumes(tmp_path, tiny
         "b-t0",
         "c-t0",
         "f-t0",
+        "g-t0",
     ]  # every reply, kept with the pairs
     # Someone else's folder is refused, untouched.
     foreign = tmp_path / "foreign"

@@ -61,10 +61,12 @@ def failures(result: PromptResult) -> list[str]:
 
 
 def grounded(row: dict) -> bool:
-    """The chosen answer uses only what the prompt gives: its golden facts are all in the context."""
-    return row.get("raft") != "drop_golden" and set(row.get("golden_ids") or ()) <= set(
-        row.get("context_ids") or ()
-    )
+    """The chosen answer uses only what the prompt gives: its golden facts are all in the context, or the
+    turn asks who the persona is (the system prompt always gives her name and summary)."""
+    if row.get("raft") == "drop_golden":
+        return False
+    golden, context = set(row.get("golden_ids") or ()), set(row.get("context_ids") or ())
+    return row.get("kind") == "identity" or golden <= context
 
 
 def per_kind_counts(spec: str, what: str) -> dict[str, int]:
