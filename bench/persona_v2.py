@@ -38,6 +38,7 @@ VARIANTS = {
     "1.5b-base": ("qwen2.5-coder-1.5b", "none"),
     "1.5b-v2-sft": ("qwen2.5-coder-1.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-1.5b-v2")),
     "1.5b-v2-dpo": ("qwen2.5-coder-1.5b", str(ROOT / "runs" / "dpo-v2-1.5b-cpu")),
+    "v2-op": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "dpo-v2op-0.5b-cpu")),
 }
 LABELS = {
     "base": "0.5B base",
@@ -47,12 +48,15 @@ LABELS = {
     "1.5b-base": "1.5B base",
     "1.5b-v2-sft": "1.5B v2 SFT",
     "1.5b-v2-dpo": "1.5B v2 SFT+DPO",
+    "v2-op": "0.5B v2 SFT+DPO+on-policy DPO",
 }
+IDENTITY_SET = ROOT / "knowledge" / "ojousama" / "queries" / "test_identity.jsonl"
 # (key, header, format, goal text)
 COLUMNS = [
     ("style_rate", "style", "{:.2f}", "≥ 0.95"),
     ("eos_rate", "EOS", "{:.2f}", "1.00"),
     ("identity_accuracy", "identity", "{:.2f}", "1.00"),
+    ("identity_new_accuracy", "identity (30 new wordings)", "{:.2f}", "1.00"),
     ("single_fact_accuracy", "fact (single turn)", "{:.2f}", "≥ 0.90"),
     ("followup_fact_accuracy", "fact (follow-up)", "{:.2f}", "≥ 0.85"),
     ("invented_rate", "invented specifics", "{:.2f}", "≤ 0.05"),
@@ -113,6 +117,11 @@ def write(args, prompts, rows, reports, earlier) -> None:
             for name, s in rows[:1]
         ),
         "",
+        "identity (30 new wordings): each variant also answers the single-turn identity questions of "
+        "knowledge/ojousama/queries/test_identity.jsonl, written after every training run and excluded from "
+        "build-data (the 5 identity prompts above are too few to tell variants apart); the wordings missed "
+        "are in the .json (`identity_new_missed`).",
+        "",
         *(["Rows marked * come from earlier runs: " + ", ".join(earlier), ""] if earlier else []),
         "## Replies (first 16 prompts)",
         "",
@@ -141,6 +150,21 @@ def write(args, prompts, rows, reports, earlier) -> None:
     )
 
 
+def identity_new(args, key: str, log) -> dict:
+    """The variant's identity accuracy on the held-out identity wordings (single turns, never trained on)."""
+    from rag_persona.evaluation.evaluate import run_evaluation
+
+    model, adapter = VARIANTS[key]
+    log(f"{key}: identity set {args.identity_set}")
+    report = run_evaluation(args.identity_set, model=model, adapter=adapter, engine="llama.cpp", progress=log)
+    missed = [r["query"] for r in report["replies"] if not r.get("identity_ok")]
+    return {
+        "identity_new_accuracy": report["summary"].get("identity_accuracy"),
+        "n_identity_new": len(report["replies"]),
+        "identity_new_missed": missed,
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", default=str(ROOT / "runs" / "data-v2" / "eval_prompts.jsonl"))
@@ -149,6 +173,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "persona_v2_all.md"))
     ap.add_argument("--with", dest="earlier", default="", help="Comma-separated .json files of earlier runs.")
     ap.add_argument("--rejudge", action="store_true", help="Judge the --with replies again by today's rules.")
+    ap.add_argument(
+        "--identity-set",
+        default=str(IDENTITY_SET),
+        help="Held-out identity wordings each measured variant also answers ('' to skip).",
+    )
+    ap.add_argument(
+        "--identity-earlier",
+        default="",
+        help="Comma-separated --with variants that answer the identity set in this run (their other columns stay).",
+    )
     args = ap.parse_args(argv)
 
     from rag_persona.chat import default_persona
@@ -177,6 +211,8 @@ def main(argv=None) -> int:
             if args.rejudge:
                 report = {**report, **rejudge(report["replies"], load_prompts(args.prompts), persona, facts)}
                 summary = {**summary, **report["summary"], **split_facts(prompts, report["replies"])}
+            if args.identity_set and key in args.identity_earlier.split(","):
+                summary = {**summary, **identity_new(args, key, log)}
             rows.append((LABELS.get(key, key) + " *", summary))
             reports[key] = report
         earlier.append(
@@ -192,6 +228,8 @@ def main(argv=None) -> int:
         summary = {**report["summary"], **split_facts(prompts, report["replies"])}
         summary["median_seconds"] = statistics.median(r["seconds"] for r in report["replies"])
         summary["wall_s"] = round(time.perf_counter() - started, 1)
+        if args.identity_set:
+            summary.update(identity_new(args, key, log))
         rows.append((LABELS[key], summary))
         reports[key] = report
         print(table(rows), flush=True)
