@@ -38,17 +38,17 @@ VARIANTS = {
     "1.5b-base": ("qwen2.5-coder-1.5b", "none"),
     "1.5b-v2-sft": ("qwen2.5-coder-1.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-1.5b-v2")),
     "1.5b-v2-dpo": ("qwen2.5-coder-1.5b", str(ROOT / "runs" / "dpo-v2-1.5b-cpu")),
-    "v2-op": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "dpo-v2op-0.5b-cpu")),
+    "v2-op": ("qwen2.5-coder-0.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-0.5b-v2op")),
 }
 LABELS = {
     "base": "0.5B base",
     "v1": "0.5B v1 SFT+DPO",
     "v2-sft": "0.5B v2 SFT",
-    "v2-dpo": "0.5B v2 SFT+DPO (default)",
+    "v2-dpo": "0.5B v2 SFT+DPO",
     "1.5b-base": "1.5B base",
     "1.5b-v2-sft": "1.5B v2 SFT",
     "1.5b-v2-dpo": "1.5B v2 SFT+DPO",
-    "v2-op": "0.5B v2 SFT+DPO+on-policy DPO",
+    "v2-op": "0.5B v2 SFT+DPO+on-policy DPO (default)",
 }
 IDENTITY_SET = ROOT / "knowledge" / "ojousama" / "queries" / "test_identity.jsonl"
 # (key, header, format, goal text)

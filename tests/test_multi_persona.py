@@ -140,7 +140,7 @@ def test_personas_with_the_same_model_and_adapter_share_one_load(served, home, t
     # the default model: the shipped adapter for ojousama, the shipped role-play adapter for kansai
     loader = CountingLoader()
     default = serve_personas(["ojousama", "kansai"], None, loader=loader, progress=lambda m: None)
-    shipped = str(KNOWLEDGE_ROOT.parent / "adapters" / "ojousama-qwen2.5-coder-0.5b-v2-dpo")
+    shipped = str(KNOWLEDGE_ROOT.parent / "adapters" / "ojousama-qwen2.5-coder-0.5b-v2op")
     roleplay = str(KNOWLEDGE_ROOT.parent / "adapters" / "roleplay-qwen2.5-coder-0.5b")
     assert loader.calls == [(None, shipped), (None, roleplay)]
     assert len(default.models()) == 2

@@ -33,7 +33,7 @@ def test_the_roleplay_adapter_serves_personas_without_their_own(tmp_path, monkey
     card_to_persona(load_card(CARDS / "onee_bar.json"), card)
     assert default_adapter(None, str(card)) == str(ROLEPLAY)
     assert default_adapter(None, "kansai") == str(ROLEPLAY)
-    assert default_adapter(None, "ojousama") == str(ADAPTERS_ROOT / "ojousama-qwen2.5-coder-0.5b-v2-dpo")
+    assert default_adapter(None, "ojousama") == str(ADAPTERS_ROOT / "ojousama-qwen2.5-coder-0.5b-v2op")
 
 
 @pytest.mark.slow
