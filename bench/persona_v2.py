@@ -168,7 +168,7 @@ def identity_new(args, key: str, log) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", default=str(ROOT / "runs" / "data-v2" / "eval_prompts.jsonl"))
-    ap.add_argument("--variants", default="v1,v2-sft,v2-dpo,1.5b-v2-sft")
+    ap.add_argument("--variants", default="v1,v2-sft,v2-dpo,v2-op,1.5b-v2-sft")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "persona_v2_all.md"))
     ap.add_argument("--with", dest="earlier", default="", help="Comma-separated .json files of earlier runs.")
