@@ -13,7 +13,15 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.prompts import ContextFact, build_messages
 from rag_persona.settings import KNOWLEDGE_ROOT
 from rag_persona.utils.io import write_jsonl
-from training.data.onpolicy import MARKER, TRAIN_FILE, Sampled, onpolicy_pairs, per_kind_counts, pick_rows
+from training.data.onpolicy import (
+    MARKER,
+    TRAIN_FILE,
+    Sampled,
+    onpolicy_pairs,
+    per_kind_counts,
+    pick_rows,
+    reply_source,
+)
 
 FACTS = {
     "profile-age": "小野寺絢音は17歳の高校2年生。",
@@ -123,10 +131,16 @@ def test_cli_answers_with_the_model_writes_the_folder_and_resumes(tmp_path, tiny
     write_jsonl(data / "dpo_d1_eval.jsonl", rows[:1])
     out = tmp_path / "pairs"
     # A reply kept from a killed run is used, not generated again: the reference itself (so no pair).
+    # One another adapter wrote is not this model's reply: b-t0 is answered again (and fails).
     cache = tmp_path / "pairs.replies.jsonl"
-    cache.write_text(
-        json.dumps({"id": "c-t0", "text": rows[2]["chosen"][0]["content"], "ended_by_eos": True}) + "\n",
-        encoding="utf-8",
+    mine = reply_source(str(tiny_model_dir), None, "transformers")
+    other = reply_source(str(tiny_model_dir), tmp_path / "other-adapter", "transformers")
+    write_jsonl(
+        cache,
+        [
+            {"id": "c-t0", "text": rows[2]["chosen"][0]["content"], "ended_by_eos": True, "by": mine},
+            {"id": "b-t0", "text": rows[1]["chosen"][0]["content"], "ended_by_eos": True, "by": other},
+        ],
     )
     args = ["--data", str(data), "--out", str(out), "--model", str(tiny_model_dir), "--adapter", "none"]
     args += [
@@ -148,6 +162,7 @@ def test_cli_answers_with_the_model_writes_the_folder_and_resumes(tmp_path, tiny
     assert manifest["counts"]["rows"] == 5 and manifest["counts"]["pairs"] == 4
     assert len(train) == 5 and manifest["mixed_source_rows"] == 1  # plus one source row for the register
     assert not cache.exists()
+    assert "1 cached replies by another model/adapter/engine ignored" in result.output
     kept = [json.loads(line) for line in (out / "replies.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sorted(r["id"] for r in kept) == [
         "a-t0",

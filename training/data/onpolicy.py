@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -164,15 +163,14 @@ def write_pairs(
     mix: Sequence[dict],
     eval_rows: Sequence[dict],
     manifest: dict,
-    replies: Path | None = None,
+    replies: Sequence[dict] = (),
 ) -> Path:
     """The pairs plus `mix` (rows of the source DPO file kept for the register) as one DPO data folder."""
     train = sorted([*pairs, *mix], key=lambda r: r["id"])
     with atomic_folder(out, marker=MARKER, what="on-policy pairs output") as work:
         write_jsonl(work / TRAIN_FILE, train)
         write_jsonl(work / EVAL_FILE, eval_rows)
-        if replies is not None and replies.is_file():
-            shutil.copyfile(replies, work / REPLIES_FILE)  # every reply judged, failing or not
+        write_jsonl(work / REPLIES_FILE, replies)  # every reply judged, failing or not
         manifest = {
             **manifest,
             "counts": {**manifest.get("counts", {}), "train": len(train), "eval": len(eval_rows)},
@@ -185,6 +183,25 @@ def write_pairs(
 
 def read_rows(path: Path) -> list[dict]:
     return [obj for _, obj in read_jsonl(path, missing="DPO data file not found")]
+
+
+def reply_source(model: str | None, adapter: str | Path | None, engine: str) -> dict:
+    """Who wrote a cached reply: a resumed run reuses only replies from the same model, adapter and engine."""
+    # A path is compared whole (a relative one means another file from another folder); a name as given.
+    where = [
+        None if x is None else str(Path(x).absolute()) if Path(x).exists() else str(x)
+        for x in (model, adapter)
+    ]
+    return {"model": where[0], "adapter": where[1], "engine": engine}
+
+
+def load_cache(path: Path, source: dict) -> tuple[dict[str, dict], int]:
+    """(replies by key, how many were ignored): replies another model or adapter wrote are not this one's."""
+    if not path.is_file():
+        return {}, 0
+    entries = [o for _, o in read_jsonl(path)]
+    mine = {o["id"]: o for o in entries if o.get("by") == source}
+    return mine, len(entries) - len(mine)
 
 
 def build_onpolicy(
@@ -227,9 +244,12 @@ def build_onpolicy(
     facts = {f.id: f.text for f in load_knowledge(persona.folder).facts}
     adapter = resolve_adapter(model, adapter, persona.id)
     cache_path = out.with_name(out.name + ".replies.jsonl")
-    cache = {o["id"]: o for _, o in read_jsonl(cache_path)} if cache_path.is_file() else {}
+    source_of = reply_source(model, adapter, engine)
+    cache, foreign = load_cache(cache_path, source_of)
     progress(
-        f"{len(picked)} grounded prompts of {len(rows)} ({len(cache)} answered before); adapter {adapter}"
+        f"{len(picked)} grounded prompts of {len(rows)} ({len(cache)} answered before"
+        + (f"; {foreign} cached replies by another model/adapter/engine ignored" if foreign else "")
+        + f"); adapter {adapter}"
     )
     backend = open_engine(engine, model, adapter=adapter, progress=progress)
     settings = GenerationSettings()
@@ -247,6 +267,7 @@ def build_onpolicy(
                 "text": r.text,
                 "ended_by_eos": r.ended_by_eos,
                 "new_tokens": r.new_tokens,
+                "by": source_of,
             }
             with cache_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(cache[key], ensure_ascii=False) + "\n")
@@ -273,6 +294,6 @@ def build_onpolicy(
         "counts": dict(counts),
         "pairs_by_kind": dict(Counter(p["kind"] for p in pairs)),
     }
-    write_pairs(out, pairs, kept, read_rows(data / eval_source), manifest, replies=cache_path)
+    write_pairs(out, pairs, kept, read_rows(data / eval_source), manifest, replies=list(cache.values()))
     cache_path.unlink(missing_ok=True)
     return manifest
