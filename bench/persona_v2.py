@@ -39,6 +39,7 @@ VARIANTS = {
     "1.5b-v2-sft": ("qwen2.5-coder-1.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-1.5b-v2")),
     "1.5b-v2-dpo": ("qwen2.5-coder-1.5b", str(ROOT / "runs" / "dpo-v2-1.5b-cpu")),
     "v2-op": ("qwen2.5-coder-0.5b", str(ROOT / "adapters" / "ojousama-qwen2.5-coder-0.5b-v2op")),
+    "v2-op2": ("qwen2.5-coder-0.5b", str(ROOT / "runs" / "dpo-v2op2-0.5b-cpu")),
 }
 LABELS = {
     "base": "0.5B base",
@@ -49,6 +50,7 @@ LABELS = {
     "1.5b-v2-sft": "1.5B v2 SFT",
     "1.5b-v2-dpo": "1.5B v2 SFT+DPO",
     "v2-op": "0.5B v2 SFT+DPO+on-policy DPO (default)",
+    "v2-op2": "0.5B v2 SFT+DPO+2 on-policy DPO rounds",
 }
 IDENTITY_SET = ROOT / "knowledge" / "ojousama" / "queries" / "test_identity.jsonl"
 # (key, header, format, goal text)
