@@ -179,3 +179,14 @@ def test_cli_answers_with_the_model_writes_the_folder_and_resumes(tmp_path, tiny
     refused = CliRunner().invoke(app, ["onpolicy-pairs", *args])
     assert refused.exit_code != 0 and "foreign" in refused.output and "grounded prompts" not in refused.output
     assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+
+
+def test_a_cached_reply_belongs_to_the_adapter_weights_that_wrote_it(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"first")
+    before = reply_source("qwen2.5-coder-0.5b", adapter, "llama.cpp")
+    assert before == reply_source("qwen2.5-coder-0.5b", str(adapter), "llama.cpp")
+    assert before != reply_source("qwen2.5-coder-0.5b", adapter, "transformers")
+    (adapter / "adapter_model.safetensors").write_bytes(b"retrained in place")
+    assert before != reply_source("qwen2.5-coder-0.5b", adapter, "llama.cpp")

@@ -187,12 +187,17 @@ def read_rows(path: Path) -> list[dict]:
 
 def reply_source(model: str | None, adapter: str | Path | None, engine: str) -> dict:
     """Who wrote a cached reply: a resumed run reuses only replies from the same model, adapter and engine."""
+    from rag_persona.generation.gguf_lora import weights_sha256
+
     # A path is compared whole (a relative one means another file from another folder); a name as given.
     where = [
         None if x is None else str(Path(x).absolute()) if Path(x).exists() else str(x)
         for x in (model, adapter)
     ]
-    return {"model": where[0], "adapter": where[1], "engine": engine}
+    # An adapter retrained in place is another model: its weights' hash tells.
+    weights = Path(adapter) / "adapter_model.safetensors" if adapter is not None else None
+    digest = weights_sha256(adapter) if weights is not None and weights.is_file() else None
+    return {"model": where[0], "adapter": where[1], "adapter_sha256": digest, "engine": engine}
 
 
 def load_cache(path: Path, source: dict) -> tuple[dict[str, dict], int]:
