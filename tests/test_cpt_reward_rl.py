@@ -12,6 +12,7 @@ from test_train import write_jsonl
 from typer.testing import CliRunner
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.generation import compute_dtype
 from training.data.cpt_data import Document, build_cpt_data, pack, render_documents
 from training.data.labels import IGNORE
 from training.recipes import CptRecipe, LoraRecipe, Recipe, RlRecipe, load_recipe
@@ -67,9 +68,10 @@ def _recipe(setup, stage, **kw):
     ).validate()
 
 
-def _base_weights(folder) -> dict[str, torch.Tensor]:
-    """Saved weights as the bf16 CPU base holds them (in float32 for exact comparisons)."""
-    return {k: v.to(torch.bfloat16).float() for k, v in load_file(folder / "model.safetensors").items()}
+def _base_weights(folder, dtype=None) -> dict[str, torch.Tensor]:
+    """Saved weights as the CPU base holds them (its compute dtype; in float32 for exact comparisons)."""
+    dtype = dtype or compute_dtype("cpu")
+    return {k: v.to(dtype).float() for k, v in load_file(folder / "model.safetensors").items()}
 
 
 # -- CPT data ---------------------------------------------------------------------------------------------
@@ -159,8 +161,9 @@ def cpt_run(setup):
 def test_one_cpt_step_changes_only_lora_targets_and_the_merge_is_base_plus_delta(setup, cpt_run):
     out = setup.root / "cpt"
     assert cpt_run["steps"] == 1 and cpt_run["untied_embeddings"] and cpt_run["merged"]
-    base = _base_weights(setup.root / "tiny")
-    merged = _base_weights(out)
+    # The merged folder is saved in bf16 like a prepared base: compare in bf16.
+    base = _base_weights(setup.root / "tiny", torch.bfloat16)
+    merged = _base_weights(out, torch.bfloat16)
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"]
@@ -181,7 +184,7 @@ def test_one_cpt_step_changes_only_lora_targets_and_the_merge_is_base_plus_delta
     assert set(merged) == set(base)
     for name, weight in base.items():
         expected = weight + deltas[name] if name in deltas else weight
-        # The merge adds the fp32 delta into bf16 weights: equal up to one bf16 rounding.
+        # The merge adds the fp32 delta into the base (fp32 or bf16), saved as bf16: equal up to bf16 rounding.
         torch.testing.assert_close(merged[name], expected.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
         if name not in deltas:
             assert torch.equal(merged[name], weight), f"{name} is not a LoRA target but changed"

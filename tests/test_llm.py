@@ -9,16 +9,19 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.generation import (
     GenerationSettings,
     ReplyStream,
+    compute_dtype,
     encode_messages,
     generate_reply,
     load_causal_lm,
 )
+from rag_persona.utils.hardware import cpu_dtype, cpuinfo_has_bf16
 
 
-def test_local_folder_loads_as_bf16_safetensors(tiny_model_dir):
+def test_local_folder_loads_in_the_cpus_dtype(tiny_model_dir):
     loaded = load_causal_lm(str(tiny_model_dir), progress=lambda m: None)
     assert loaded.device == "cpu" and not loaded.quantized
-    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert next(loaded.model.parameters()).dtype == compute_dtype("cpu")
+    assert loaded.dtype == str(compute_dtype("cpu")).removeprefix("torch.")
     messages = [{"role": "user", "content": "ごきげんよう"}]
     reply = generate_reply(loaded, messages, GenerationSettings(max_new_tokens=3))
     # The tiny random model never says its EOS in 3 greedy tokens: the token limit ends the reply.
@@ -60,7 +63,27 @@ def test_bundled_model_answers_and_stops_at_eos(bundled_lm):
     reply = generate_reply(bundled_lm, [{"role": "user", "content": "Say hello in one short sentence."}])
     assert reply.ended_by_eos, reply
     assert reply.text and "<|im_end|>" not in reply.text
-    assert next(bundled_lm.model.parameters()).dtype == torch.bfloat16
+    assert next(bundled_lm.model.parameters()).dtype == compute_dtype("cpu")
+
+
+def test_cpu_dtype_follows_the_cpus_bf16_instructions(monkeypatch, tiny_model_dir):
+    # Emulated bf16 matmuls are ~36x slower than fp32 on an AVX2-only CPU: bf16 only with native support.
+    assert cpuinfo_has_bf16("flags : fpu avx2 avx512f avx512_bf16", "x86_64")
+    assert cpuinfo_has_bf16("flags : avx512f amx_bf16 amx_tile", "x86_64")
+    assert not cpuinfo_has_bf16("flags : fpu sse4_2 avx2 fma avx512f", "x86_64")
+    assert cpuinfo_has_bf16("Features : fp asimd sve bf16 i8mm", "aarch64")
+    assert not cpuinfo_has_bf16("Features : fp asimd sve i8mm", "aarch64")
+    assert compute_dtype("cuda") == torch.bfloat16
+    monkeypatch.setenv("RAG_PERSONA_DTYPE", "float32")
+    assert cpu_dtype() == torch.float32 and compute_dtype("cpu") == torch.float32
+    loaded = load_causal_lm(str(tiny_model_dir), progress=lambda m: None)
+    assert next(loaded.model.parameters()).dtype == torch.float32 and loaded.dtype == "float32"
+    monkeypatch.setenv("RAG_PERSONA_DTYPE", "bfloat16")
+    loaded = load_causal_lm(str(tiny_model_dir), progress=lambda m: None)
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16 and loaded.dtype == "bfloat16"
+    monkeypatch.setenv("RAG_PERSONA_DTYPE", "fp8")
+    with pytest.raises(RagPersonaError, match="RAG_PERSONA_DTYPE='fp8': expected float32, bfloat16 or auto"):
+        load_causal_lm(str(tiny_model_dir), progress=lambda m: None)
 
 
 def _generate_exactly(model, ids, settings: GenerationSettings, n: int) -> list[int]:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.generation import compute_dtype
 from training.recipes import RECIPES_DIR, LoraRecipe, Recipe, load_recipe
 from training.shipping import ship_adapter
 from training.stages import train
@@ -66,7 +67,8 @@ def setup(tmp_path_factory):
     data = root / "data"
     write_chat_data(data)
     write_jsonl(data / "text.jsonl", [{"text": f"{q} {a}</s>"} for q, a, _ in QA])
-    base = {k: v.to(torch.bfloat16) for k, v in load_file(root / "tiny" / "model.safetensors").items()}
+    dtype = compute_dtype("cpu")  # as the CPU base holds them
+    base = {k: v.to(dtype) for k, v in load_file(root / "tiny" / "model.safetensors").items()}
     return types.SimpleNamespace(
         root=root, model=str(root / "tiny"), data=data, base=base, eos=tok.eos_token_id
     )

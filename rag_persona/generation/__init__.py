@@ -10,6 +10,7 @@ from rag_persona.generation.decoding import (
 )
 from rag_persona.generation.llm import (
     LoadedModel,
+    compute_dtype,
     cuda_available,
     from_pretrained_kwargs,
     load_causal_lm,
@@ -46,6 +47,7 @@ __all__ = [
     "Reply",
     "ReplyNoRepeatNGram",
     "ReplyStream",
+    "compute_dtype",
     "cuda_available",
     "encode_messages",
     "eos_token_ids",

@@ -1,4 +1,4 @@
-"""Load a causal LM by bundled alias, hub id or local path: bf16 on CPU, CUDA when present, 4-bit on request."""
+"""Load a causal LM by bundled alias, hub id or local path: on CUDA or the CPU's dtype, 4-bit on request."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from rag_persona.errors import RagPersonaError
 from rag_persona.generation.models import BUNDLED, prepare
 from rag_persona.settings import get_settings
+from rag_persona.utils.hardware import cpu_dtype
 
 
 @dataclass
@@ -38,8 +39,18 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def from_pretrained_kwargs(load_in_4bit: bool = False) -> dict:
-    """`from_pretrained` arguments for every model we load: safetensors, no remote code, bf16 or 4-bit NF4."""
+def compute_dtype(device: str | None = None):
+    """bf16 on CUDA; on a CPU bf16 only where it multiplies bf16 natively, else float32 (utils.hardware)."""
+    import torch
+
+    if (device or ("cuda" if cuda_available() else "cpu")).startswith("cuda"):
+        return torch.bfloat16
+    return cpu_dtype()
+
+
+def from_pretrained_kwargs(load_in_4bit: bool = False, device: str | None = None) -> dict:
+    """`from_pretrained` arguments for every model we load: safetensors, no remote code, the device's dtype or
+    4-bit NF4."""
     import torch
 
     kwargs: dict = {"trust_remote_code": False, "use_safetensors": True}
@@ -54,7 +65,7 @@ def from_pretrained_kwargs(load_in_4bit: bool = False) -> dict:
         )
         kwargs["device_map"] = {"": 0}
     else:
-        kwargs["dtype"] = torch.bfloat16
+        kwargs["dtype"] = compute_dtype(device)
     return kwargs
 
 
@@ -74,7 +85,7 @@ def load_causal_lm(
     device = device or ("cuda" if has_cuda else "cpu")
     if load_in_4bit and not has_cuda:
         raise RagPersonaError(f"model {source}: 4-bit loading needs CUDA (bitsandbytes); none is present")
-    kwargs = from_pretrained_kwargs(load_in_4bit)
+    kwargs = from_pretrained_kwargs(load_in_4bit, device)
     is_local = Path(source).exists()
     if not is_local and "/" not in source:
         raise RagPersonaError(
@@ -101,7 +112,7 @@ def load_causal_lm(
         tokenizer=tokenizer,
         source=source,
         device=device,
-        dtype="nf4" if load_in_4bit else "bfloat16",
+        dtype="nf4" if load_in_4bit else str(kwargs["dtype"]).removeprefix("torch."),
         quantized=load_in_4bit,
         adapter=adapter,
     )

@@ -63,7 +63,7 @@ class Mode:
 
 
 def pick_mode(recipe: Recipe, cuda: bool | None = None) -> Mode:
-    """QLoRA (4-bit bitsandbytes base) on CUDA, plain LoRA on a bf16 base on CPU; recipe may force one."""
+    """QLoRA (4-bit bitsandbytes base) on CUDA, plain LoRA on the CPU's dtype (bf16 where native, else fp32)."""
     if cuda is None:
         from rag_persona.generation import cuda_available
 
@@ -75,7 +75,9 @@ def pick_mode(recipe: Recipe, cuda: bool | None = None) -> Mode:
             )
         return Mode("cuda", "QLoRA", True, "4-bit nf4 base, requested by the recipe")
     if recipe.quantization == "none":
-        return Mode("cuda" if cuda else "cpu", "LoRA", False, "bf16 base, requested by the recipe")
+        return Mode(
+            "cuda" if cuda else "cpu", "LoRA", False, f"{_base_dtype(cuda)} base, requested by the recipe"
+        )
     if cuda:
         try:
             import bitsandbytes  # noqa: F401
@@ -84,7 +86,13 @@ def pick_mode(recipe: Recipe, cuda: bool | None = None) -> Mode:
                 "cuda", "LoRA", False, "CUDA found but bitsandbytes is missing (pip install '.[gpu]')"
             )
         return Mode("cuda", "QLoRA", True, "CUDA found: 4-bit nf4 base")
-    return Mode("cpu", "LoRA", False, "no CUDA: bf16 base, fp32 adapter")
+    return Mode("cpu", "LoRA", False, f"no CUDA: {_base_dtype(False)} base, fp32 adapter")
+
+
+def _base_dtype(cuda: bool) -> str:
+    from rag_persona.generation import compute_dtype
+
+    return str(compute_dtype("cuda" if cuda else "cpu")).removeprefix("torch.")
 
 
 def seed_and_threads(recipe: Recipe, progress: Progress, *, threads: bool = True) -> list[float]:
@@ -323,7 +331,7 @@ def audit_summary(audit: list) -> dict:
 
 
 def kbit_ready(run: Run, model):
-    """A 4-bit base prepared for training (QLoRA); a bf16 base as it is."""
+    """A 4-bit base prepared for training (QLoRA); a bf16 / fp32 base as it is."""
     if not run.mode.quantized:
         return model
     from peft import prepare_model_for_kbit_training

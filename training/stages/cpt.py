@@ -164,6 +164,7 @@ def train_cpt(recipe: Recipe, out: Path, options: RunOptions) -> dict:
     under adapter/, and the usual recipe.yaml, data_manifest.json, metrics.json, log_history.json and
     loss.png. `train sft --model <folder>` trains a new, differently shaped LoRA on top of it.
     """
+    import torch
     from peft import get_peft_model
 
     run = start_run(recipe, out, options)
@@ -191,7 +192,10 @@ def train_cpt(recipe: Recipe, out: Path, options: RunOptions) -> dict:
         merged = trainer.model
         if merge:
             merged = merge_into_base(trainer.model, run, work / ADAPTER_SUBDIR, untied)
-            merged.save_pretrained(str(work), safe_serialization=True)
+            # bf16 on disk like the prepared base, whatever dtype the merge ran in (fp32 on most CPUs);
+            # the model itself stays as it is for a caller that keeps it.
+            state = {k: v.to(torch.bfloat16) for k, v in merged.state_dict().items()}
+            merged.save_pretrained(str(work), safe_serialization=True, state_dict=state)
             tokenizer.save_pretrained(str(work))
             progress("merged the adapter into the base: the folder is a standalone model")
         manifest = {"knowledge_dir": str(knowledge_dir), "cpt": asdict(recipe.cpt), **data.manifest()}

@@ -88,7 +88,7 @@ def load_reward_model(
     from rag_persona.generation import from_pretrained_kwargs, resolve_model_path
 
     source = resolve_model_path(base, progress=progress)
-    kwargs = from_pretrained_kwargs(quantized) | {"num_labels": 1}
+    kwargs = from_pretrained_kwargs(quantized, device) | {"num_labels": 1}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         with suppress_seqcls_warning():  # the score head is new; the base's lm_head is not used
