@@ -19,6 +19,8 @@ from rag_persona.xattn import (
     load_or_build_encodings,
     read_weights,
 )
+from rag_persona.xattn.memory import cache_path
+from rag_persona.xattn.model import model_fingerprint
 
 FACTS = [
     ContextFact("profile-name", "名前は小野寺絢音（おのでら あやね）。"),
@@ -171,6 +173,20 @@ def test_cache_refuses_another_model(tok, tmp_path):
     assert a.path != b.path and b.computed == len(FACTS)
     a.path.write_bytes(b"not safetensors")  # a damaged cache is recomputed, never trusted
     assert load_or_build_encodings(x1, tok, FACTS, index).computed == len(FACTS)
+
+
+def test_fingerprint_is_the_weights_not_the_dtype_they_are_held_in(tok, tmp_path):
+    # A bf16 base loads as float32 on CPUs without native bf16: a shipped adapter must still accept it.
+    bf16 = make_tiny_qwen2(tok, seed=0).to(torch.bfloat16)
+    fp32 = make_tiny_qwen2(tok, seed=0).to(torch.bfloat16).float()
+    fp32.config.dtype = torch.float32
+    assert model_fingerprint(bf16) == model_fingerprint(fp32)
+    other = make_tiny_qwen2(tok, seed=0).to(torch.bfloat16).float()
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.view(-1)[0] += 1.0
+    assert model_fingerprint(other) != model_fingerprint(fp32)
+    # ...but its fact encodings are cached apart: the two dtypes compute different values.
+    assert cache_path(tmp_path, wrap(bf16)) != cache_path(tmp_path, wrap(fp32))
 
 
 def test_batched_memory_matches_single_items(tok):

@@ -34,9 +34,11 @@ def encoder_key_hash(xmodel) -> str:
 
 
 def cache_path(index_dir: str | Path, xmodel) -> Path:
-    return (
-        Path(index_dir) / CACHE_DIR / f"{xmodel.fingerprint[:16]}-{encoder_key_hash(xmodel)[:8]}.safetensors"
-    )
+    """One cache file per base, encoder and compute dtype (a float32 base fingerprints as its bf16 file does,
+    but encodes facts to other values)."""
+    dtype = str(xmodel.dtype).removeprefix("torch.")
+    name = f"{xmodel.fingerprint[:16]}-{encoder_key_hash(xmodel)[:8]}-{dtype}.safetensors"
+    return Path(index_dir) / CACHE_DIR / name
 
 
 @dataclass

@@ -65,7 +65,7 @@ def decoder_layers(base) -> Sequence:
 
 
 def model_fingerprint(base) -> str:
-    """sha256 over the config and a sample of every parameter: equal for the same weights in the same dtype.
+    """sha256 over the config and a sample of every parameter: equal for the same weights at bf16 precision.
 
     LoRA parameters of a peft-wrapped model are left out (cross-attention runs with the adapter disabled),
     so a base model fingerprints the same with or without the chat's adapter attached.
@@ -74,15 +74,19 @@ def model_fingerprint(base) -> str:
     cfg = base.config.to_dict()
     for volatile in ("_name_or_path", "name_or_path", "transformers_version", "_attn_implementation_autoset"):
         cfg.pop(volatile, None)
+    if "dtype" in cfg:  # the dtype it is held in, not what it is: hashed at bf16 precision (below)
+        cfg["dtype"] = "bfloat16"
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     with torch.no_grad():
         params = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if "lora_" not in n}
         for name, p in sorted(params.items(), key=lambda kv: kv[0]):
             digest.update(name.encode())
-            digest.update(str(p.dtype).encode())
+            # Hashed at bf16 precision whatever dtype holds them: the prepared base is bf16 on disk and is
+            # loaded as float32 on CPUs without native bf16, which must not look like another base.
+            digest.update(b"torch.bfloat16")
             flat = p.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)][:64]
-            digest.update(sample.float().cpu().numpy().tobytes())
+            digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
