@@ -259,7 +259,7 @@ def remerge(kept: Path, out: Path, progress=_log) -> Path:
 
     from rag_persona.generation import load_causal_lm
     from rag_persona.utils.io import atomic_folder
-    from training.stages.cpt import untie_embeddings
+    from training.stages.cpt import save_merged, untie_embeddings
 
     recipe = yaml.safe_load((kept / "recipe.yaml").read_text(encoding="utf-8"))
     metrics = json.loads((kept / "metrics.json").read_text(encoding="utf-8"))
@@ -268,7 +268,7 @@ def remerge(kept: Path, out: Path, progress=_log) -> Path:
         untie_embeddings(loaded.model)
     merged = PeftModel.from_pretrained(loaded.model, str(kept / "adapter")).merge_and_unload()
     with atomic_folder(out, marker="recipe.yaml", what="a CPT model folder") as work:
-        merged.save_pretrained(str(work), safe_serialization=True)
+        save_merged(merged, work)
         loaded.tokenizer.save_pretrained(str(work))
         shutil.copytree(kept / "adapter", work / "adapter")
         for name in KEPT_FILES:

@@ -74,6 +74,15 @@ def merge_into_base(peft_model, run: Run, adapter_dir: Path, untied: bool):
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
+def save_merged(model, folder: Path) -> None:
+    """A merged model saved in bf16 like the prepared base, whatever dtype the merge ran in (float32 on CPUs
+    without native bf16); the model in memory stays as it is for a caller that keeps it."""
+    import torch
+
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.save_pretrained(str(folder), safe_serialization=True, state_dict=state)
+
+
 def cpt_trainer(run: Run, work: Path, model, data: CptData):
     """Plain next-token training with transformers' Trainer: the model's own loss over every label.
 
@@ -164,7 +173,6 @@ def train_cpt(recipe: Recipe, out: Path, options: RunOptions) -> dict:
     under adapter/, and the usual recipe.yaml, data_manifest.json, metrics.json, log_history.json and
     loss.png. `train sft --model <folder>` trains a new, differently shaped LoRA on top of it.
     """
-    import torch
     from peft import get_peft_model
 
     run = start_run(recipe, out, options)
@@ -192,10 +200,7 @@ def train_cpt(recipe: Recipe, out: Path, options: RunOptions) -> dict:
         merged = trainer.model
         if merge:
             merged = merge_into_base(trainer.model, run, work / ADAPTER_SUBDIR, untied)
-            # bf16 on disk like the prepared base, whatever dtype the merge ran in (fp32 on most CPUs);
-            # the model itself stays as it is for a caller that keeps it.
-            state = {k: v.to(torch.bfloat16) for k, v in merged.state_dict().items()}
-            merged.save_pretrained(str(work), safe_serialization=True, state_dict=state)
+            save_merged(merged, work)
             tokenizer.save_pretrained(str(work))
             progress("merged the adapter into the base: the folder is a standalone model")
         manifest = {"knowledge_dir": str(knowledge_dir), "cpt": asdict(recipe.cpt), **data.manifest()}
