@@ -1,7 +1,8 @@
 """Knowledge injection study (issue 22): how much SFT forgets of what CPT taught, and what prevents it.
 
 The users inject knowledge by continued pre-training (CPT, a LoRA merged into the base) and then teach the
-chat register by SFT. On the bundled 0.5B (CPU or a lent GPU, bf16 LoRA either way), this runs:
+chat register by SFT. On the bundled 0.5B (CPU or a lent GPU; LoRA on a bf16 base, or float32 on CPUs
+without native bf16, the "ran on" column says which), this runs:
 
 - one CPT model per CPT lora_alpha (128, 32): recipe cpt-0.5b-cpu-3ep (3 epochs, LoRA r 8 on the top 12
   layers + embed_tokens) with only lora_alpha changed;
@@ -484,6 +485,7 @@ def _train_record(metrics: dict) -> dict:
         "train_examples": metrics.get("train_examples"),
         "replay_blocks": metrics.get("replay_blocks", 0),
         "device": (metrics.get("mode") or {}).get("device"),
+        "base_dtype": "float32" if "float32" in (metrics.get("mode") or {}).get("reason", "") else "bf16",
         "threads": metrics.get("threads"),
     }
 
@@ -724,9 +726,16 @@ def row_of(cell: Cell, result: dict | None, parent: dict | None, base_probe: dic
         **probe_columns(cell, result, parent, base_probe),
         "l2": result.get("l2"),
         "wall_minutes": round(result["wall_seconds"] / 60, 1),
-        "device": (result.get("train") or {}).get("device") or "",
+        "device": _ran_on(result.get("train") or {}),
     }
     return row
+
+
+def _ran_on(train: dict) -> str:
+    """Device and base dtype: cells trained before the CPU dtype rule (all on bf16 bases) carry no dtype."""
+    if not train.get("device"):
+        return ""
+    return f"{train['device']} {train.get('base_dtype', 'bf16')}"
 
 
 def _fmt(value, digits: int = 2) -> str:

@@ -310,6 +310,8 @@ def _result(cell: str, **kw) -> dict:
     }
     out["recall"] = recall(kw["acc"], kw.get("seen", 0.5))
     out["train"] = {"device": "cpu", "seconds_per_step": 4.0}
+    if "dtype" in kw:
+        out["train"]["base_dtype"] = kw["dtype"]
     if c.sft:
         out["persona"] = {
             "summary": {
@@ -335,7 +337,9 @@ def test_table_rows_from_results_pending_cells_and_the_goal(tmp_path):
         "cpt-alpha128": _result("cpt-alpha128", acc=0.40, l2=3.0),
         "cpt128-sft8-attn_mlp-s42": _result("cpt128-sft8-attn_mlp-s42", acc=0.34, style=0.95, eos=1.0),
         "cpt128-sft32-attn_mlp-s42": _result("cpt128-sft32-attn_mlp-s42", acc=0.10, style=1.0, eos=1.0),
-        "cpt128-sft8-attn_mlp-s43": _result("cpt128-sft8-attn_mlp-s43", acc=0.30, style=0.85, eos=1.0),
+        "cpt128-sft8-attn_mlp-s43": _result(
+            "cpt128-sft8-attn_mlp-s43", acc=0.30, style=0.85, eos=1.0, dtype="float32"
+        ),
     }
     cells = fg.default_plan()
     md, data = fg.render_table(cells, results)
@@ -345,6 +349,8 @@ def test_table_rows_from_results_pending_cells_and_the_goal(tmp_path):
     assert (r["recall_after_cpt"], r["recall_after_sft"], r["drop"], r["kept"]) == (0.40, 0.34, 0.06, 0.85)
     assert (r["style"], r["eos"], r["rag_fact_accuracy"], r["wall_minutes"]) == (0.95, 1.0, 0.5, 10.0)
     assert rows["cpt128-sft32-attn_mlp-s42"]["kept"] == 0.25 and rows["cpt-alpha32"]["status"] == "pending"
+    # "ran on": device and base dtype (results from before the CPU dtype rule were all bf16 bases)
+    assert r["device"] == "cpu bf16" and rows["cpt128-sft8-attn_mlp-s43"]["device"] == "cpu float32"
     assert "| cpt128-sft8-attn_mlp-s42 | 128 | 8 | attention+MLP | – | 42 | 0.40 | 0.34 | 0.06 | 0.85 |" in md
     assert "| cpt-alpha32 | 32 | – | – | – | – | pending |" in md
     assert "4 of 18 cells measured." in md
