@@ -828,7 +828,8 @@ def render_table(cells: list[Cell], results: dict[str, dict], args=None) -> tupl
         "",
         "Reproduce / continue: `python bench/forgetting.py` (skips finished cells; `--list` for the plan). "
         "CPT: cpt-0.5b-cpu-3ep with the row's CPT α; SFT: sft-after-cpt-0.5b-cpu on the merged CPT model with "
-        "the row's SFT α, modules and mitigation (bf16 LoRA; top 12 layers unless `layers0-11`).",
+        "the row's SFT α, modules and mitigation (LoRA on a bf16 base, float32 where 'ran on' says so; top 12 "
+        "layers unless `layers0-11`).",
         "",
         "Recall = closed-book accuracy (persona prompt, no retrieved context, greedy) on held-out wordings: the "
         "retrieval test queries about one fact, never in the CPT text nor the SFT data. CPT-wording recall asks "
@@ -920,7 +921,9 @@ def write_outputs(cells: list[Cell], results: dict[str, dict], table: Path, args
     """bench/results/forgetting.md, .json and .png from every result so far."""
     from rag_persona.utils.io import atomic_write_text
 
-    md, data = render_table(cells, results, args)
+    # The whole plan always: a run of a few `--cells` must not drop the other rows from the table.
+    full = default_plan(getattr(args, "mitigation_base", MITIGATION_BASE))
+    md, data = render_table([*full, *(c for c in cells if c not in full)], results, args)
     table.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(table, md)
     atomic_write_text(table.with_suffix(".json"), json.dumps(data, ensure_ascii=False, indent=1) + "\n")

@@ -368,6 +368,9 @@ def test_finished_cells_are_skipped_and_the_budget_stops_new_ones(tmp_path, caps
     assert fg.main(["--cells", "base", *common]) == 0
     assert done.read_text() == before and "cell base: done, skipped" in capsys.readouterr().err
     assert "| base | – | – |" in out.read_text() and out.with_suffix(".json").is_file()
+    # the table is the whole plan even when one cell was asked for
+    assert "| cpt-alpha32 | 32 | – | – | – | – | pending |" in out.read_text()
+    assert "1 of 17 cells measured." in out.read_text()
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
     # a pending cell after the budget: nothing starts, the table lists it as pending
     assert fg.main(["--cells", "base-sft32-attn_mlp-s42", "--budget-minutes", "0", *common]) == 0
