@@ -14,7 +14,7 @@ from rag_persona.generation import (
     generate_reply,
     load_causal_lm,
 )
-from rag_persona.utils.hardware import cpu_dtype, cpuinfo_has_bf16
+from rag_persona.utils.hardware import cpu_dtype, cpuinfo_has_bf16, native_bf16
 
 
 def test_local_folder_loads_in_the_cpus_dtype(tiny_model_dir):
@@ -67,13 +67,17 @@ def test_bundled_model_answers_and_stops_at_eos(bundled_lm):
 
 
 def test_cpu_dtype_follows_the_cpus_bf16_instructions(monkeypatch, tiny_model_dir):
-    # Emulated bf16 matmuls are ~36x slower than fp32 on an AVX2-only CPU: bf16 only with native support.
+    # Emulated bf16 matmuls are ~36x slower than fp32 on an AVX2-only CPU: auto picks bf16 only with native support.
     assert cpuinfo_has_bf16("flags : fpu avx2 avx512f avx512_bf16", "x86_64")
     assert cpuinfo_has_bf16("flags : avx512f amx_bf16 amx_tile", "x86_64")
     assert not cpuinfo_has_bf16("flags : fpu sse4_2 avx2 fma avx512f", "x86_64")
     assert cpuinfo_has_bf16("Features : fp asimd sve bf16 i8mm", "aarch64")
     assert not cpuinfo_has_bf16("Features : fp asimd sve i8mm", "aarch64")
     assert compute_dtype("cuda") == torch.bfloat16
+    monkeypatch.delenv("RAG_PERSONA_DTYPE", raising=False)
+    assert compute_dtype("cpu") == torch.bfloat16  # the default until auto is validated (see compute_dtype)
+    monkeypatch.setenv("RAG_PERSONA_DTYPE", "auto")
+    assert cpu_dtype() == (torch.bfloat16 if native_bf16() else torch.float32) == compute_dtype("cpu")
     monkeypatch.setenv("RAG_PERSONA_DTYPE", "float32")
     assert cpu_dtype() == torch.float32 and compute_dtype("cpu") == torch.float32
     loaded = load_causal_lm(str(tiny_model_dir), progress=lambda m: None)

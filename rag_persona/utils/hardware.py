@@ -31,14 +31,15 @@ def cpuinfo_has_bf16(cpuinfo: str, machine: str) -> bool:
     return any(flag in words for flag in _X86_BF16) or (machine == "aarch64" and "bf16" in words)
 
 
-def cpu_dtype(env: str = "RAG_PERSONA_DTYPE"):
-    """torch.bfloat16 on a CPU with native bf16, else torch.float32; the env variable (float32|bfloat16) overrides."""
+def cpu_dtype(env: str = "RAG_PERSONA_DTYPE", default: str = "auto"):
+    """The env variable's choice (float32 | bfloat16 | auto), else `default`; auto = torch.bfloat16 on a CPU with
+    native bf16, else torch.float32."""
     import torch
 
-    name = os.environ.get(env, "").strip().lower()
+    name = os.environ.get(env, "").strip().lower() or default
     if name in ("float32", "bfloat16"):
         return getattr(torch, name)
-    if name not in ("", "auto"):
+    if name != "auto":
         from rag_persona.errors import RagPersonaError
 
         raise RagPersonaError(f"{env}={name!r}: expected float32, bfloat16 or auto")
