@@ -51,6 +51,10 @@ def test_an_unseen_register_is_spoken_with_the_roleplay_adapter_and_not_without(
     for adapter in ("none", str(ROLEPLAY)):
         report = run_evaluation(prompts, adapter=adapter, persona=str(card), engine="llama.cpp")
         styles[adapter] = report["summary"]["style_rate"]
-        assert report["summary"]["eos_rate"] == 1.0 and report["summary"]["foreign_register_rate"] == 0.0
+        assert report["summary"]["foreign_register_rate"] == 0.0
+        if adapter != "none":
+            # EOS is the shipped adapter's bar. The bare base model ran on past max tokens in 1 of 6 replies
+            # on an AVX2-only CPU (llama.cpp's kernels differ by CPU), and ended all 6 on an AMX one.
+            assert report["summary"]["eos_rate"] == 1.0
     # measured: 0/6 replies in the card's register on the base model, 4/6 with the adapter (first pass: 5/6)
     assert styles[str(ROLEPLAY)] >= styles["none"] + 0.5, styles
