@@ -43,9 +43,8 @@ def compute_dtype(device: str | None = None):
     """bf16 on CUDA; on a CPU bf16 unless RAG_PERSONA_DTYPE says float32 or auto (float32 where the CPU has no
     native bf16 matmuls: 27x faster LoRA steps there, bench/results/dtype.md).
 
-    auto is not the default yet: under float32 two quality tests measured on an AVX2 CPU fell just short
-    (GGUF LoRA vs peft greedy agreement 9 of 20, the role-play adapter's EOS 5 of 6), and the shipped
-    adapters were all trained and judged in bf16.
+    auto is not the default yet: under float32 a quality test measured on an AVX2 CPU fell just short
+    (GGUF LoRA vs peft greedy agreement 9 of 20), and the shipped adapters were all trained and judged in bf16.
     """
     import torch
 
