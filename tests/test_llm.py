@@ -75,7 +75,7 @@ def test_cpu_dtype_follows_the_cpus_bf16_instructions(monkeypatch, tiny_model_di
     assert not cpuinfo_has_bf16("Features : fp asimd sve i8mm", "aarch64")
     assert compute_dtype("cuda") == torch.bfloat16
     monkeypatch.delenv("RAG_PERSONA_DTYPE", raising=False)
-    assert compute_dtype("cpu") == torch.bfloat16  # the default until auto is validated (see compute_dtype)
+    assert compute_dtype("cpu") == (torch.bfloat16 if native_bf16() else torch.float32)  # auto by default
     monkeypatch.setenv("RAG_PERSONA_DTYPE", "auto")
     assert cpu_dtype() == (torch.bfloat16 if native_bf16() else torch.float32) == compute_dtype("cpu")
     monkeypatch.setenv("RAG_PERSONA_DTYPE", "float32")

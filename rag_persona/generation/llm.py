@@ -40,17 +40,13 @@ def cuda_available() -> bool:
 
 
 def compute_dtype(device: str | None = None):
-    """bf16 on CUDA; on a CPU bf16 unless RAG_PERSONA_DTYPE says float32 or auto (float32 where the CPU has no
-    native bf16 matmuls: 27x faster LoRA steps there, bench/results/dtype.md).
-
-    auto is not the default yet: under float32 a quality test measured on an AVX2 CPU fell just short
-    (GGUF LoRA vs peft greedy agreement 9 of 20), and the shipped adapters were all trained and judged in bf16.
-    """
+    """bf16 on CUDA; on a CPU bf16 only where it multiplies bf16 natively, else float32 (utils.hardware:
+    27x faster LoRA steps on an AVX2-only CPU, bench/results/dtype.md); RAG_PERSONA_DTYPE overrides."""
     import torch
 
     if (device or ("cuda" if cuda_available() else "cpu")).startswith("cuda"):
         return torch.bfloat16
-    return cpu_dtype(default="bfloat16")
+    return cpu_dtype()
 
 
 def from_pretrained_kwargs(load_in_4bit: bool = False, device: str | None = None) -> dict:
