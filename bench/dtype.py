@@ -94,11 +94,11 @@ def main() -> None:
 
     import torch
 
-    from rag_persona.utils.hardware import cpu_dtype
+    from rag_persona.utils.hardware import cpu_dtype, dtype_name
 
     torch.set_num_threads(args.threads)
     os.environ.pop("RAG_PERSONA_DTYPE", None)
-    auto = str(cpu_dtype()).removeprefix("torch.")
+    auto = dtype_name(cpu_dtype())
     rows = [measure(args.model, d, args) for d in args.dtypes.split(",")]
     head = (
         f"# transformers on CPU: float32 vs bfloat16 (bench/dtype.py)\n\n"

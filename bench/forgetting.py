@@ -485,7 +485,7 @@ def _train_record(metrics: dict) -> dict:
         "train_examples": metrics.get("train_examples"),
         "replay_blocks": metrics.get("replay_blocks", 0),
         "device": (metrics.get("mode") or {}).get("device"),
-        "base_dtype": "float32" if "float32" in (metrics.get("mode") or {}).get("reason", "") else "bf16",
+        "base_dtype": (metrics.get("mode") or {}).get("dtype"),
         "threads": metrics.get("threads"),
     }
 
@@ -735,7 +735,8 @@ def _ran_on(train: dict) -> str:
     """Device and base dtype: cells trained before the CPU dtype rule (all on bf16 bases) carry no dtype."""
     if not train.get("device"):
         return ""
-    return f"{train['device']} {train.get('base_dtype', 'bf16')}"
+    dtype = train.get("base_dtype") or "bfloat16"
+    return f"{train['device']} {'bf16' if dtype == 'bfloat16' else dtype}"
 
 
 def _fmt(value, digits: int = 2) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from rag_persona.errors import RagPersonaError
 from rag_persona.generation.models import BUNDLED, prepare
 from rag_persona.settings import get_settings
-from rag_persona.utils.hardware import cpu_dtype
+from rag_persona.utils.hardware import cpu_dtype, dtype_name
 
 
 @dataclass
@@ -113,7 +113,7 @@ def load_causal_lm(
         tokenizer=tokenizer,
         source=source,
         device=device,
-        dtype="nf4" if load_in_4bit else str(kwargs["dtype"]).removeprefix("torch."),
+        dtype="nf4" if load_in_4bit else dtype_name(kwargs["dtype"]),
         quantized=load_in_4bit,
         adapter=adapter,
     )

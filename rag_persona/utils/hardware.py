@@ -31,6 +31,11 @@ def cpuinfo_has_bf16(cpuinfo: str, machine: str) -> bool:
     return any(flag in words for flag in _X86_BF16) or (machine == "aarch64" and "bf16" in words)
 
 
+def dtype_name(dtype) -> str:
+    """ "float32" for torch.float32: how records and file names spell a torch dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cpu_dtype(env: str = "RAG_PERSONA_DTYPE", default: str = "auto"):
     """The env variable's choice (float32 | bfloat16 | auto), else `default`; auto = torch.bfloat16 on a CPU with
     native bf16, else torch.float32."""

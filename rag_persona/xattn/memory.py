@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.utils.hardware import dtype_name
 from rag_persona.utils.io import write_file_atomic
 
 CACHE_DIR = "xattn"
@@ -36,8 +37,7 @@ def encoder_key_hash(xmodel) -> str:
 def cache_path(index_dir: str | Path, xmodel) -> Path:
     """One cache file per base, encoder and compute dtype (a float32 base fingerprints as its bf16 file does,
     but encodes facts to other values)."""
-    dtype = str(xmodel.dtype).removeprefix("torch.")
-    name = f"{xmodel.fingerprint[:16]}-{encoder_key_hash(xmodel)[:8]}-{dtype}.safetensors"
+    name = f"{xmodel.fingerprint[:16]}-{encoder_key_hash(xmodel)[:8]}-{dtype_name(xmodel.dtype)}.safetensors"
     return Path(index_dir) / CACHE_DIR / name
 
 

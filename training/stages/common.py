@@ -57,9 +57,16 @@ class Mode:
     method: str
     quantized: bool
     reason: str
+    dtype: str = field(init=False)  # the base's: nf4, or the device's compute dtype (bfloat16 / float32)
+
+    def __post_init__(self):
+        from rag_persona.generation import compute_dtype
+        from rag_persona.utils.hardware import dtype_name
+
+        self.dtype = "nf4" if self.quantized else dtype_name(compute_dtype(self.device))
 
     def describe(self) -> str:
-        return f"{self.method} on {self.device} ({self.reason})"
+        return f"{self.method} on {self.device}, {self.dtype} base ({self.reason})"
 
 
 def pick_mode(recipe: Recipe, cuda: bool | None = None) -> Mode:
@@ -73,11 +80,9 @@ def pick_mode(recipe: Recipe, cuda: bool | None = None) -> Mode:
             raise RagPersonaError(
                 f"recipe {recipe.name}: quantization 4bit needs CUDA (bitsandbytes); none is present"
             )
-        return Mode("cuda", "QLoRA", True, "4-bit nf4 base, requested by the recipe")
+        return Mode("cuda", "QLoRA", True, "4-bit, requested by the recipe")
     if recipe.quantization == "none":
-        return Mode(
-            "cuda" if cuda else "cpu", "LoRA", False, f"{_base_dtype(cuda)} base, requested by the recipe"
-        )
+        return Mode("cuda" if cuda else "cpu", "LoRA", False, "no quantization, requested by the recipe")
     if cuda:
         try:
             import bitsandbytes  # noqa: F401
@@ -85,14 +90,8 @@ def pick_mode(recipe: Recipe, cuda: bool | None = None) -> Mode:
             return Mode(
                 "cuda", "LoRA", False, "CUDA found but bitsandbytes is missing (pip install '.[gpu]')"
             )
-        return Mode("cuda", "QLoRA", True, "CUDA found: 4-bit nf4 base")
-    return Mode("cpu", "LoRA", False, f"no CUDA: {_base_dtype(False)} base, fp32 adapter")
-
-
-def _base_dtype(cuda: bool) -> str:
-    from rag_persona.generation import compute_dtype
-
-    return str(compute_dtype("cuda" if cuda else "cpu")).removeprefix("torch.")
+        return Mode("cuda", "QLoRA", True, "CUDA found: 4-bit")
+    return Mode("cpu", "LoRA", False, "no CUDA: fp32 adapter")
 
 
 def seed_and_threads(recipe: Recipe, progress: Progress, *, threads: bool = True) -> list[float]:
