@@ -12,6 +12,10 @@ from rag_persona.utils.io import write_file_atomic
 
 GGUF_LORA_FILE = "adapter.gguf"
 SOURCE_KEY = "rag_persona.source_sha256"  # the peft weights this file was converted from
+# Bumped when the conversion changes, so a file an older version wrote (shipped or cached) is not reused.
+# 2: float32 tensors (1 wrote float16, which makes llama.cpp round the activations to float16 in A·x).
+FORMAT_KEY = "rag_persona.lora_format"
+FORMAT = 2
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -19,23 +23,30 @@ def weights_sha256(adapter_dir: str | Path) -> str:
     return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
-def source_sha256(gguf_lora: str | Path) -> str | None:
-    """Which peft weights a GGUF LoRA came from (None for a file another tool wrote)."""
+def _field(fields: dict, key: str):
+    """A scalar GGUF header field (str or number), None when absent."""
+    field = fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if field.types[0].name == "STRING" else value[0].item()
+
+
+def is_current(gguf_lora: str | Path, adapter_sha256: str) -> bool:
+    """Whether this GGUF LoRA was converted from these peft weights by the current conversion."""
     import gguf
 
-    field = gguf.GGUFReader(str(gguf_lora)).fields.get(SOURCE_KEY)
-    return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    fields = gguf.GGUFReader(str(gguf_lora)).fields
+    return _field(fields, SOURCE_KEY) == adapter_sha256 and _field(fields, FORMAT_KEY) == FORMAT
 
 
 def gguf_metadata(path: str | Path) -> dict:
     """Architecture and block count of a GGUF model (read from its header, weights stay on disk)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    arch_field = reader.fields["general.architecture"]
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-    blocks = reader.fields[f"{arch}.block_count"]
-    return {"architecture": arch, "block_count": int(blocks.parts[blocks.data[0]][0])}
+    fields = gguf.GGUFReader(str(path)).fields
+    arch = _field(fields, "general.architecture")
+    return {"architecture": arch, "block_count": int(_field(fields, f"{arch}.block_count"))}
 
 
 def _adapter_config(adapter_dir: Path) -> dict:
@@ -83,8 +94,10 @@ def lora_tensors(adapter_dir: Path, architecture: str, block_count: int) -> dict
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
             if gguf_name is None:
                 raise RagPersonaError(f"{weights}: tensor {key!r} has no llama.cpp counterpart")
-            # float16 halves the file; the A·B product is computed in llama.cpp at the base precision anyway.
-            out[f"{gguf_name}.{part}"] = f.get_tensor(key).float().numpy().astype("float16")
+            # float32, not float16: ggml multiplies a float16 matrix by activations rounded to float16, and
+            # that rounding alone flipped 3 of 20 greedy replies against peft (float32 12/20, float16 9/20 on
+            # an AVX2 CPU; tests/test_engines.py). peft computes A·x at the model's compute precision.
+            out[f"{gguf_name}.{part}"] = f.get_tensor(key).float().numpy()
     return out
 
 
@@ -104,6 +117,7 @@ def write_gguf_lora(adapter_dir: str | Path, base_gguf: str | Path, out: str | P
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, _effective_alpha(config))
         writer.add_string(SOURCE_KEY, weights_sha256(adapter_dir))
+        writer.add_uint32(FORMAT_KEY, FORMAT)
         for name, array in tensors.items():
             writer.add_tensor(name, array)
         writer.write_header_to_file()

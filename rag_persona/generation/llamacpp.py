@@ -14,7 +14,7 @@ import numpy as np
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.generation.backend import Generation
-from rag_persona.generation.gguf_lora import GGUF_LORA_FILE, source_sha256, weights_sha256, write_gguf_lora
+from rag_persona.generation.gguf_lora import FORMAT, GGUF_LORA_FILE, is_current, weights_sha256, write_gguf_lora
 from rag_persona.generation.models import BUNDLED, join_and_verify
 from rag_persona.settings import get_settings
 from rag_persona.utils.io import atomic_folder, file_sha256, read_json, write_json
@@ -100,16 +100,17 @@ def resolve_gguf(model: str | None = None, progress=lambda msg: None) -> tuple[P
 
 
 def gguf_lora_for(adapter: str | Path, base_gguf: Path) -> Path:
-    """The adapter's GGUF LoRA: the one shipped beside it if made from these very weights, else converted once
-    into the cache on first use."""
+    """The adapter's GGUF LoRA: the one shipped beside it if made from these very weights by the current
+    conversion, else converted once into the cache on first use."""
     adapter = Path(adapter)
     if not (adapter / "adapter_model.safetensors").is_file():
         raise RagPersonaError(f"adapter {adapter}: no adapter_model.safetensors")
     sha = weights_sha256(adapter)
     shipped = adapter / GGUF_LORA_FILE
-    if shipped.is_file() and source_sha256(shipped) == sha:
+    if shipped.is_file() and is_current(shipped, sha):
         return shipped
-    cached = get_settings().home / "gguf-lora" / f"{adapter.name}-{sha[:16]}-{base_gguf.parent.name}.gguf"
+    name = f"{adapter.name}-{sha[:16]}-{base_gguf.parent.name}-v{FORMAT}.gguf"
+    cached = get_settings().home / "gguf-lora" / name
     if not cached.is_file():
         write_gguf_lora(adapter, base_gguf, cached)
     return cached
