@@ -14,7 +14,13 @@ import numpy as np
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.generation.backend import Generation
-from rag_persona.generation.gguf_lora import FORMAT, GGUF_LORA_FILE, is_current, weights_sha256, write_gguf_lora
+from rag_persona.generation.gguf_lora import (
+    FORMAT,
+    GGUF_LORA_FILE,
+    is_current,
+    weights_sha256,
+    write_gguf_lora,
+)
 from rag_persona.generation.models import BUNDLED, join_and_verify
 from rag_persona.settings import get_settings
 from rag_persona.utils.io import atomic_folder, file_sha256, read_json, write_json
