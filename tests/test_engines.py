@@ -119,6 +119,7 @@ def test_a_gguf_lora_is_reused_only_from_these_weights_and_this_conversion(tmp_p
     import shutil
 
     import gguf
+    from safetensors.torch import load_file, save_file
 
     from rag_persona.generation.gguf_lora import FORMAT_KEY, SOURCE_KEY, weights_sha256
     from rag_persona.generation.llamacpp import GGUF_FILE, gguf_lora_for, prepare_gguf
@@ -141,6 +142,13 @@ def test_a_gguf_lora_is_reused_only_from_these_weights_and_this_conversion(tmp_p
     reader = gguf.GGUFReader(str(converted))
     assert FORMAT_KEY in reader.fields and len(reader.tensors) == 168
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
+
+    shutil.copy(shipped / "adapter.gguf", adapter / "adapter.gguf")  # current, but for the shipped weights
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors = {k: v * 2 if i == 0 else v for i, (k, v) in enumerate(tensors.items())}  # retrained in place
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    again = gguf_lora_for(adapter, base)
+    assert again.parent == converted.parent and again != converted
 
 
 @pytest.fixture(scope="session")
