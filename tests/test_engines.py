@@ -136,7 +136,10 @@ def test_a_gguf_lora_is_reused_only_from_these_weights_and_this_conversion(tmp_p
     old.add_type(gguf.GGUFType.ADAPTER)
     old.add_string(SOURCE_KEY, weights_sha256(adapter))
     old.add_tensor("blk.12.attn_q.weight.lora_a", np.zeros((16, 896), dtype=np.float16))
-    old.write_header_to_file(), old.write_kv_data_to_file(), old.write_tensors_to_file(), old.close()
+    old.write_header_to_file()
+    old.write_kv_data_to_file()
+    old.write_tensors_to_file()
+    old.close()
     converted = gguf_lora_for(adapter, base)
     assert converted.parent == tmp_path / "home/gguf-lora"
     reader = gguf.GGUFReader(str(converted))

@@ -26,10 +26,7 @@ def weights_sha256(adapter_dir: str | Path) -> str:
 def _field(fields: dict, key: str):
     """A scalar GGUF header field (str or number), None when absent."""
     field = fields.get(key)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    return bytes(value).decode() if field.types[0].name == "STRING" else value[0].item()
+    return field.contents() if field is not None else None
 
 
 def is_current(gguf_lora: str | Path, adapter_sha256: str) -> bool:
