@@ -473,12 +473,19 @@ def _git() -> dict:
 
 def _train_record(metrics: dict) -> dict:
     steps = metrics.get("steps") or 0
+    resumed = metrics.get("resumed_from_step") or 0
     train_s = (metrics.get("train") or {}).get("train_runtime")
+    run_steps = steps - resumed  # the Trainer's runtime covers only the steps after a resume
+    per_step = round(train_s / run_steps, 2) if train_s and run_steps > 0 else None
+    seconds = metrics.get("seconds")
+    if resumed and per_step and seconds:  # the whole run at the resumed part's rate, so wall times compare
+        seconds = round(seconds + per_step * resumed, 1)
     return {
         "steps": steps,
-        "seconds": metrics.get("seconds"),
+        "resumed_from_step": resumed,
+        "seconds": seconds,
         "train_runtime": train_s,
-        "seconds_per_step": round(train_s / steps, 2) if train_s and steps else None,
+        "seconds_per_step": per_step,
         "train_loss": metrics.get("train_loss"),
         "eval_loss_before": (metrics.get("eval_before") or {}).get("eval_loss"),
         "eval_loss_after": (metrics.get("eval_after") or {}).get("eval_loss"),
@@ -838,7 +845,7 @@ def render_table(cells: list[Cell], results: dict[str, dict], args=None) -> tupl
         "EOS, median chars and RAG fact accuracy: the persona evaluation with retrieval on held-out prompts "
         "(runs/data/eval_prompts.jsonl), facts judged on what each prompt's reference reply takes from them "
         "(cells measured before that judge re-scored from their stored replies: `--rejudge`). ‖ΔW‖₂: the adapter's delta (for SFT rows the L2 between the CPT model "
-        "and the CPT→SFT model; for CPT rows the CPT LoRA's own). Wall min: training + evaluation. "
+        "and the CPT→SFT model; for CPT rows the CPT LoRA's own). Wall min: training + evaluation (a run resumed from a checkpoint counts its earlier steps at the rate of the resumed part). "
         "Fact-text NLL: mean NLL per token of the persona's fact texts as plain text (no chat template); NLL "
         "kept = (base − cell) / (base − CPT model) on them, what the weights still hold of the injected text "
         "whether or not the chat answers say it; drift-corrected: each gain minus the control set's gain; "

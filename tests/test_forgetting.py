@@ -423,3 +423,14 @@ def test_nll_kept_compares_the_cell_with_the_base_and_its_cpt_model(tmp_path):
     # fact gain beyond the control's: ((3.0 - 1.5) - (3.1 - 3.2)) / ((3.0 - 1.0) - (3.1 - 3.0)) = 1.6 / 1.9
     assert sft["nll_kept_corrected"] == round(1.6 / 1.9, 3)
     assert rows["cpt-alpha128"]["nll_kept"] is None and rows["cpt-alpha128"]["fact_nll"] == 1.0
+
+
+def test_a_resumed_runs_step_time_counts_only_the_steps_it_ran():
+    # The Trainer's train_runtime after a resume covers steps 225..288; the first 225 ran in an earlier session.
+    metrics = {"steps": 288, "resumed_from_step": 225, "seconds": 1317.0, "train": {"train_runtime": 1228.8}}
+    record = fg._train_record(metrics)
+    assert record["seconds_per_step"] == round(1228.8 / 63, 2)
+    assert record["resumed_from_step"] == 225
+    assert record["seconds"] == round(1317.0 + record["seconds_per_step"] * 225, 1)
+    fresh = fg._train_record({"steps": 288, "seconds": 5700.0, "train": {"train_runtime": 5616.0}})
+    assert (fresh["seconds_per_step"], fresh["seconds"], fresh["resumed_from_step"]) == (19.5, 5700.0, 0)
