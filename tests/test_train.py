@@ -204,8 +204,9 @@ def test_same_seed_same_adapter(setup, sft_run):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(setup):
-    """Stopped after step 3 of 4 (checkpoint at 2): the same command again resumes at step 2 and ends with
-    the adapter of a run never interrupted; a changed recipe discards the checkpoints instead."""
+    """Stopped after step 3 of 4 (checkpoint at 2): the same command again resumes at step 2, reads the
+    held-out metrics before training back instead of measuring them again, and ends with the adapter of a
+    run never interrupted; a changed recipe discards the checkpoints instead."""
 
     class Stop(Exception):
         pass
@@ -214,12 +215,15 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(setup):
         if msg.startswith("step 3/"):
             raise Stop
 
-    recipe = lambda **kw: _recipe(setup, "sft", max_steps=4, save_steps=2, logging_steps=1, **kw)  # noqa: E731
+    recipe = lambda **kw: _recipe(  # noqa: E731
+        setup, "sft", max_steps=4, save_steps=2, logging_steps=1, eval_file="sft.jsonl", **kw
+    )
     out = setup.root / "sft-resumed"
     with pytest.raises(Stop):
         train(recipe(), out, progress=stop_at_step_3, cuda=False)
     checkpoints = setup.root / ".sft-resumed.checkpoints"
     assert not out.exists() and (checkpoints / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    kept_before = json.loads((checkpoints / "eval_before.json").read_text())
     # a save cut short (no trainer_state.json, which is written last) is dropped, not resumed from
     (checkpoints / "checkpoint-3").mkdir()
     (checkpoints / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"partial")
@@ -230,10 +234,14 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(setup):
     logged = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
     assert len(logged) == 4 and metrics["train_loss"] == pytest.approx(sum(logged) / 4)
     assert any(line.startswith("resuming from") for line in lines)
+    assert any("read back" in line for line in lines)
+    assert not any(line.startswith("evaluating on") for line in lines), "measured once per run"
+    assert metrics["eval_before"] == kept_before["eval_before"]
     assert not checkpoints.exists(), "checkpoints removed once the run is saved"
 
     straight = setup.root / "sft-straight"
-    train(recipe(), straight, progress=lambda m: None, cuda=False)
+    first = train(recipe(), straight, progress=lambda m: None, cuda=False)
+    assert first["eval_before"]["eval_loss"] == pytest.approx(kept_before["eval_before"]["eval_loss"])
     a = load_file(out / "adapter_model.safetensors")
     b = load_file(straight / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

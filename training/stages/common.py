@@ -41,7 +41,7 @@ from training.data.labels import (
 from training.provenance import versions
 from training.recipes import Recipe
 
-from .checkpoints import checkpoint_folder, last_checkpoint
+from .checkpoints import checkpoint_folder, evaluate_before, last_checkpoint
 from .lora import lora_config
 from .records import RUN_MARKER, clean, data_manifest, lineage, write_run_files
 
@@ -481,7 +481,7 @@ def train_and_evaluate(
     progress(f"trainable parameters: {trainable:,}{note}")
     metrics: dict = {"trainable_parameters": trainable}
     if evaluate:
-        metrics.update(evaluate("before"))
+        metrics.update(evaluate_before(trainer, evaluate, progress))
     resume = last_checkpoint(trainer)
     if resume:
         progress(f"resuming from {resume}")
