@@ -66,12 +66,12 @@ def last_checkpoint(trainer) -> str | None:
     return get_last_checkpoint(args.output_dir)
 
 
-def evaluate_before(trainer, evaluate, progress) -> dict:
+def evaluate_before(trainer, evaluate, progress, *, resuming: bool) -> dict:
     """The held-out metrics before training: measured once per run and read back when an interrupted run
     resumes (on a 1.5B DPO run that evaluation costs ~13 min of CPU, paid again on every resume otherwise)."""
     args = trainer.args
     kept = Path(args.output_dir) / "eval_before.json" if args.save_strategy != "no" else None
-    if kept is not None and last_checkpoint(trainer):
+    if kept is not None and resuming:
         try:
             metrics = json.loads(kept.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -480,9 +480,9 @@ def train_and_evaluate(
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     progress(f"trainable parameters: {trainable:,}{note}")
     metrics: dict = {"trainable_parameters": trainable}
-    if evaluate:
-        metrics.update(evaluate_before(trainer, evaluate, progress))
     resume = last_checkpoint(trainer)
+    if evaluate:
+        metrics.update(evaluate_before(trainer, evaluate, progress, resuming=bool(resume)))
     if resume:
         progress(f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
