@@ -551,4 +551,6 @@ def test_cli_evo_merge_with_the_persona_score(s, tmp_path, monkeypatch):
     for x in lines:
         assert x["score"] == pytest.approx(persona_score(x["metrics"])) and x["metrics"]["n"] == 2
     assert (out / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "merge_manifest.json").read_text())["evo"]["score_fn"] == "persona_score"
+    evo = json.loads((out / "merge_manifest.json").read_text())["evo"]
+    assert evo["score_fn"] == "persona_score"
+    assert (evo["budget"], evo["population_size"], evo["init_density"]) == (3, 4, 0.5)

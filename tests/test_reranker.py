@@ -127,6 +127,40 @@ def test_rerank_mode_scores_are_the_rerankers_probabilities(tiny_reranker):
     assert sum(score > 0 for _, score in ranking) <= 5  # only rerank_depth candidates are re-scored
 
 
+def test_the_cli_passes_each_option_to_the_recipe_field_of_its_name(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import training.rerank.calibrate as calibrate_module
+    import training.rerank.train as train_module
+    from rag_persona.cli.app import app
+
+    seen: dict = {}
+    monkeypatch.setattr(train_module, "train_reranker", lambda recipe, out, log: seen.update(recipe=recipe))
+    monkeypatch.setattr(calibrate_module, "calibrate", lambda out, log: seen.update(calibrated=out))
+    out = tmp_path / "rr"
+    options = ["--jaquad-questions", "11", "--jsts-pairs", "12", "--train-layers", "3", "--max-steps", "13"]
+    options += ["--batch-size", "4", "--learning-rate", "1e-4", "--threads", "1", "--seed", "5"]
+    res = CliRunner().invoke(app, ["train-reranker", "--out", str(out), *options])
+    assert res.exit_code == 0, res.output
+    assert seen == {
+        "recipe": RerankerRecipe(
+            jaquad_questions=11,
+            jsts_pairs=12,
+            train_layers=3,
+            max_steps=13,
+            batch_size=4,
+            learning_rate=1e-4,
+            threads=1,
+            seed=5,
+        ),
+        "calibrated": out,
+    }
+    seen.clear()
+    res = CliRunner().invoke(app, ["train-reranker", "--out", str(out), "--calibrate-only"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"calibrated": out}
+
+
 def test_missing_training_data_is_one_error_line(monkeypatch, tmp_path):
     monkeypatch.setenv("RAG_PERSONA_DATASETS", str(tmp_path))
     with pytest.raises(RagPersonaError, match="no such file"):

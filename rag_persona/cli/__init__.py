@@ -1,5 +1,5 @@
 """The `rag-persona` command line; `echo_json`, `friendly` and `_progress` for commands registered from outside."""
 
-from rag_persona.cli.common import _progress, echo_json, friendly
+from rag_persona.cli.common import _progress, echo_json, friendly, keywords_for
 
-__all__ = ["_progress", "echo_json", "friendly"]
+__all__ = ["_progress", "echo_json", "friendly", "keywords_for"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from typing import Annotated
 
@@ -33,6 +34,13 @@ def _progress(msg: str) -> None:
 
 def echo_json(obj) -> None:
     typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+def keywords_for(target, options: dict, **override) -> dict:
+    """The command's options (its `locals()` on entry) that `target`, a function or dataclass, takes by
+    name, then `override`: the options are named after the API's keywords, so each name is written once."""
+    names = inspect.signature(target).parameters
+    return {k: v for k, v in options.items() if k in names} | override
 
 
 def open_index(index: str | None, persona: str | None = None):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rag_persona.cli import _progress, echo_json, friendly
+from rag_persona.cli import _progress, echo_json, friendly, keywords_for
 
 InputsArg = Annotated[
     list[Path],
@@ -122,7 +122,9 @@ def evo_merge_cmd(
     max_new_tokens: Annotated[int, typer.Option()] = 96,
     seed: Annotated[int, typer.Option()] = 0,
     sigma: Annotated[float, typer.Option(help="CMA-ES initial step size.")] = 0.2,
-    population: Annotated[int | None, typer.Option(help="CMA-ES population size.")] = None,
+    population_size: Annotated[
+        int | None, typer.Option("--population", help="CMA-ES population size.")
+    ] = None,
     init_weights: Annotated[
         str | None, typer.Option(help="Comma-separated start weights (default 1/n each).")
     ] = None,
@@ -130,26 +132,13 @@ def evo_merge_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """CMA-ES over adapter weights (and density), scored by persona metrics on held-out prompts."""
+    options = dict(locals())
     from training.merging.evomerge import EvoConfig, evo_merge, persona_score_fn
     from training.merging.merge import parse_floats
 
-    config = EvoConfig(
-        method=method,
-        budget=budget,
-        seed=seed,
-        sigma=sigma,
-        population_size=population,
-        init_weights=parse_floats(init_weights, "--init-weights"),
-        init_density=init_density,
-    ).validate(len(inputs))
-    score_fn = persona_score_fn(
-        prompts,
-        index=index,
-        persona=persona,
-        limit=limit,
-        max_new_tokens=max_new_tokens,
-        progress=_progress,
-    )
+    init = parse_floats(init_weights, "--init-weights")
+    config = EvoConfig(**keywords_for(EvoConfig, options, init_weights=init)).validate(len(inputs))
+    score_fn = persona_score_fn(**keywords_for(persona_score_fn, options, progress=_progress))
     result = evo_merge(
         inputs, out, score_fn=score_fn, config=config, base=base, log_path=log, progress=_progress
     )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rag_persona.cli import _progress, echo_json, friendly
+from rag_persona.cli import _progress, echo_json, friendly, keywords_for
 
 
 def fact_recall_cmd(
@@ -31,18 +31,10 @@ def fact_recall_cmd(
 ) -> None:
     """Ask each fact's own questions with the persona prompt and NO retrieved context (greedy), and
     score whether each reply states the fact."""
+    options = dict(locals())
     from training.recall import run_fact_recall
 
-    report = run_fact_recall(
-        model=model,
-        adapter=adapter,
-        persona=persona,
-        knowledge=knowledge,
-        n=n,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-        progress=_progress,
-    )
+    report = run_fact_recall(**keywords_for(run_fact_recall, options, progress=_progress))
     if as_json:
         echo_json(report)
         return

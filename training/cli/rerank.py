@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rag_persona.cli import friendly
+from rag_persona.cli import friendly, keywords_for
 
 
 def train_reranker_cmd(
@@ -28,20 +28,12 @@ def train_reranker_cmd(
 ) -> None:
     """Train the reranker on JaQuAD, JSTS and the synthetic personas' train queries, then fit its
     calibration and default threshold on the shipped personas' dev sets."""
+    options = dict(locals())
     from training.rerank.calibrate import calibrate
     from training.rerank.train import RerankerRecipe, train_reranker
 
     if not calibrate_only:
-        recipe = RerankerRecipe(
-            jaquad_questions=jaquad_questions,
-            jsts_pairs=jsts_pairs,
-            train_layers=train_layers,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            threads=threads,
-            seed=seed,
-        )
+        recipe = RerankerRecipe(**keywords_for(RerankerRecipe, options))
         train_reranker(recipe, out, log=typer.echo)
     calibrate(out, log=typer.echo)
 
