@@ -242,6 +242,13 @@ def check_user_turn(text: str) -> str:
     return text.strip()
 
 
+def kept_history(history: Sequence[dict]) -> list[dict]:
+    """The user/assistant messages of history that the prompt keeps: the last MAX_HISTORY_TURNS exchanges'
+    worth of messages (other roles are dropped: the persona's own instruction is the system message)."""
+    turns = [m for m in history if m.get("role") in ("user", "assistant")]
+    return turns[-2 * MAX_HISTORY_TURNS :]
+
+
 def build_messages(
     persona: Persona,
     facts: Sequence[ContextFact],
@@ -261,8 +268,7 @@ def build_messages(
     if block:
         system = f"{system}\n\n{block}"
     messages = [{"role": "system", "content": system}]
-    turns = [m for m in history if m.get("role") in ("user", "assistant")]
-    for m in turns[-2 * MAX_HISTORY_TURNS :]:
+    for m in kept_history(history):
         if not isinstance(m.get("content"), str):
             raise RagPersonaError(f"history: message with role {m.get('role')!r} has no text content")
         messages.append({"role": m["role"], "content": m["content"]})

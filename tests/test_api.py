@@ -24,6 +24,7 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.generation import LoadedModel
 from rag_persona.prompts import MAX_USER_CHARS
 from rag_persona.settings import KNOWLEDGE_ROOT
+from ui.api import MAX_MESSAGES
 
 TOPICS = [
     "あなたの名前はなんですか?",
@@ -235,7 +236,17 @@ def test_concurrent_conversations_stay_isolated(echo_server, persona_store):
             {"messages": [{"role": "user", "content": "hi"}], "rag_persona": {"context_mode": "xattn"}},
             "cross-attention",
         ),
-        ({"messages": [{"role": "user", "content": "hi"}] * 201}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1)}, "messages"),
+        ({"messages": [{"role": "system", "content": "be nice"}]}, "no user message"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: Input should be"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool calls"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+            "only text replies",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "log-probabilities"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature: "),
     ],
 )
 def test_malformed_requests_get_4xx_with_a_message(echo_server, body, needle):
@@ -249,7 +260,42 @@ def test_malformed_requests_get_4xx_with_a_message(echo_server, body, needle):
     assert 400 <= r.status_code < 500, r.text
     err = r.json()["error"]
     assert needle in err["message"], err
+    assert ".str" not in err["message"] and "more problems" not in err["message"], err  # no union branches
     assert httpx.get(f"{echo_server.url}/v1/health", timeout=10).status_code == 200
+
+
+def test_a_sillytavern_shaped_request_is_answered_from_the_kept_history(echo_server):
+    """Only what reaches the model is checked: a long system prompt, an opening greeting over the length
+    limit before the kept exchanges and a post-history system message do not refuse the chat; nulls for
+    optional fields are their defaults; text parts are joined as vLLM joins them."""
+    messages = [
+        {"role": "system", "content": "キャラクター設定。" * 4000},
+        {"role": "assistant", "content": "ごきげんよう。" * 300},
+    ]
+    for t in range(9):
+        messages += [{"role": "user", "content": f"u{t}"}, {"role": "assistant", "content": f"a{t}"}]
+    messages += [
+        {"role": "user", "content": [{"type": "text", "text": "la"}, {"type": "text", "text": "st"}]},
+        {"role": "system", "content": "[Write the next reply in character.]"},
+    ]
+    res = chat(echo_server.url, messages, max_tokens=512, n=None, stream=None, tool_choice="auto")
+    # the builder keeps the last 8 exchanges (16 messages): the greeting, u0 and a0 are dropped
+    assert res["choices"][0]["message"]["content"] == " | ".join([f"u{t}" for t in range(1, 9)] + ["la\nst"])
+    extra = res["rag_persona"]
+    assert (extra["history_trimmed_exchanges"], extra["history_trimmed_messages"]) == (1, 3)
+    assert res["model"] == "ojousama"
+    messages[-7]["content"] = "あ" * (MAX_USER_CHARS + 1)  # a kept message over the limit is still refused
+    r = httpx.post(f"{echo_server.url}/v1/chat/completions", json={"messages": messages}, timeout=30)
+    assert r.status_code == 400 and f"messages[{len(messages) - 7}].content" in r.json()["error"]["message"]
+
+
+def test_a_form_body_is_told_to_send_json_and_models_are_retrieved_by_id(echo_server):
+    r = httpx.post(f"{echo_server.url}/v1/chat/completions", content=b'{"messages": []}', timeout=30)
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    model = httpx.get(f"{echo_server.url}/v1/models/ojousama", timeout=10)
+    assert model.status_code == 200 and model.json()["id"] == "ojousama"
+    missing = httpx.get(f"{echo_server.url}/v1/models/nobody", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_models_list_and_history_limit_reported(echo_server):
@@ -263,6 +309,7 @@ def test_models_list_and_history_limit_reported(echo_server):
     # the builder keeps the last 8 exchanges: u2..u9 + the new message reach the model
     assert res["choices"][0]["message"]["content"] == " | ".join([f"u{t}" for t in range(2, 10)] + ["last"])
     assert res["rag_persona"]["history_trimmed_exchanges"] == 2
+    assert res["rag_persona"]["history_trimmed_messages"] == 4
 
 
 def test_client_going_away_frees_the_model(echo_server):

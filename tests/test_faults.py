@@ -304,6 +304,24 @@ def test_an_unexpected_exception_is_a_500_with_an_id_that_is_in_the_log(echo_ser
     assert httpx.get(f"{echo_server.url}/v1/health", timeout=10).status_code == 200
 
 
+def test_a_stream_that_fails_sends_an_error_id_that_is_in_the_log(echo_server, caplog, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("gpu melted")
+
+    monkeypatch.setattr(echo_server.lm, "generate", broken)
+    payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with caplog.at_level(logging.ERROR, logger="rag_persona.api"):
+        r = httpx.post(f"{echo_server.url}/v1/chat/completions", json=payload, timeout=30)
+    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["type"] == "server_error" and "gpu melted" not in err["message"]
+    error_id = err["message"].split("(id ")[1].split(";")[0]
+    assert any(error_id in r.getMessage() and "gpu melted" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    assert chat(echo_server.url, [{"role": "user", "content": "still here"}], max_tokens=64)["choices"]
+
+
 def test_a_non_streaming_client_that_leaves_frees_the_model(echo_server):
     engine, lm = echo_server.engine, echo_server.lm
     lm.delay = 0.05  # ~60 tokens → ~3 s if it ran to the end

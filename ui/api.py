@@ -8,6 +8,11 @@ by construction; the engine queues generations on the one shared model. The pers
 replaces any ``system`` message (it is what the model was trained with); the history is cut to the last
 ``MAX_HISTORY_TURNS`` exchanges exactly as in the app, and the response says so.
 
+Decoding is greedy unless ``temperature`` > 0 (the persona's tuned default; OpenAI's default would be 1), so
+``top_p`` and ``seed`` take effect only with a positive temperature. Asked-for features the persona cannot
+give are refused with a 400 rather than answered in plain text: a forced tool call (``tool_choice`` other
+than "auto"/"none"), a JSON ``response_format``, ``logprobs``, custom ``stop`` strings, ``n`` > 1.
+
 Each response carries an extra ``rag_persona`` object: the facts retrieved for the turn with their scores
 (what the model saw) and how much history was used. A request may set retrieval and context mode through
 an optional ``rag_persona`` object in the body (``{"mode", "threshold", "k", "context_mode"}``).
@@ -41,15 +46,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.prompts import MAX_HISTORY_TURNS, MAX_USER_CHARS, check_user_turn
+from rag_persona.prompts import MAX_HISTORY_TURNS, MAX_USER_CHARS, check_user_turn, kept_history
 from rag_persona.utils.text import unicode_problem
 
 from .engine import CONTEXT_MODES, RETRIEVAL_MODES, Engine, EngineBusy, Personas, TurnOptions, options_from
 
-MAX_MESSAGES = 200
-MAX_SYSTEM_CHARS = 20_000
+# Long chats are sent whole by clients that trim by tokens (SillyTavern); only the last exchanges are read.
+MAX_MESSAGES = 4096
 MAX_NEW_TOKENS = 512
-# 200 messages of MAX_USER_CHARS (3 bytes a character) plus a long system prompt fit with room to spare.
+# The kept exchanges at MAX_USER_CHARS (3 bytes a character) and a long system prompt fit with room to spare.
 MAX_BODY_BYTES = 1 << 20
 MAX_SEED = 2**32 - 1  # llama.cpp seeds are 32-bit; -1 means "random", as SillyTavern sends it
 log = logging.getLogger("rag_persona.api")
@@ -111,10 +116,12 @@ class ChatMessage(BaseModel):
             return self.content
         texts = []
         for i, part in enumerate(self.content):
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise ApiError(400, f"{where}.content[{i}]: only text parts are supported, got {part.type!r}")
+            if part.text is None:
+                raise ApiError(400, f"{where}.content[{i}].text: missing", "messages")
             texts.append(part.text)
-        return "".join(texts)
+        return "\n".join(texts)  # as vLLM joins them
 
     def checked_text(self, where: str) -> str:
         """The text, refused (400) when it cannot be encoded (a lone surrogate breaks the tokenisers)."""
@@ -144,15 +151,22 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send presence_penalty, logit_bias, user, ...
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    stream: bool = False
+    stream: bool | None = False  # null, as clients that send every field write it: the default
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=-1, le=MAX_SEED)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int | None = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
+    # Asked-for features the persona cannot give are refused rather than silently answered in plain text:
+    # a forced tool call, a JSON/schema reply, log-probabilities. "auto"/"none" tool choice is a no-op.
+    tool_choice: str | dict | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     rag_persona: PersonaOptions | None = None
 
     @field_validator("stop")
@@ -162,26 +176,54 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("custom stop sequences are not supported (replies end at the model's EOS)")
         return value
 
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_forced_tool(cls, value):
+        if value not in (None, "auto", "none"):
+            raise ValueError("tool calls are not supported (only 'auto' or 'none', which answer in text)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value and value.get("type", "text") != "text":
+            raise ValueError(f"only text replies are supported, not {value.get('type')!r}")
+        return value
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value:
+            raise ValueError("log-probabilities are not returned")
+        return value
+
 
 # -- turning a request into a turn -------------------------------------------------------------------------
-def split_request(req: ChatCompletionRequest) -> tuple[list[dict], str, int]:
-    """(history, user turn, exchanges dropped) or ApiError with the offending field named."""
-    last = req.messages[-1]
-    if last.role != "user":
-        raise ApiError(
-            400, f"messages[{len(req.messages) - 1}]: the last message must have role 'user'", "messages"
-        )
-    history = []
-    for i, m in enumerate(req.messages[:-1]):
-        text = m.checked_text(f"messages[{i}]")
-        if m.role in ("system", "developer"):
-            if len(text) > MAX_SYSTEM_CHARS:
-                raise ApiError(
-                    400, f"messages[{i}].content: {len(text)} characters, the limit is {MAX_SYSTEM_CHARS}"
-                )
-            continue  # the persona's own instruction is used instead
+def split_request(req: ChatCompletionRequest) -> tuple[list[dict], str, dict]:
+    """(the history the prompt keeps, the user turn, what was trimmed) or ApiError naming the field.
+
+    Only what reaches the model is read and checked. System and developer messages are skipped wherever they
+    stand (the persona's own instruction replaces them), also after the last user message, where
+    SillyTavern puts impersonation and post-history instructions; so are the messages before the kept
+    exchanges, so a long chat whose opening greeting is over the length limit keeps working."""
+    for i, m in enumerate(req.messages):
         if m.role == "tool":
             raise ApiError(400, f"messages[{i}].role: tool messages are not supported", "messages")
+    chat = [(i, m) for i, m in enumerate(req.messages) if m.role in ("user", "assistant")]
+    if not chat:
+        raise ApiError(400, "messages: no user message (system messages are replaced by the persona's)")
+    *earlier, (last_i, last) = chat
+    if last.role != "user":
+        raise ApiError(
+            400,
+            f"messages[{last_i}]: the last message (system messages aside) must have role 'user'",
+            "messages",
+        )
+    n_kept = len(kept_history([{"role": m.role} for _, m in earlier]))
+    dropped, kept = earlier[: len(earlier) - n_kept], earlier[len(earlier) - n_kept :]
+    history = []
+    for i, m in kept:
+        text = m.checked_text(f"messages[{i}]")
         if len(text) > MAX_USER_CHARS:
             raise ApiError(
                 400,
@@ -190,12 +232,15 @@ def split_request(req: ChatCompletionRequest) -> tuple[list[dict], str, int]:
             )
         history.append({"role": m.role, "content": text})
     try:
-        user_turn = check_user_turn(last.text(f"messages[{len(req.messages) - 1}]"))
+        user_turn = check_user_turn(last.text(f"messages[{last_i}]"))
     except RagPersonaError as exc:  # "message: empty; ..." → "messages[i].content: empty; ..."
         problem = str(exc).removeprefix("message: ")
-        raise ApiError(400, f"messages[{len(req.messages) - 1}].content: {problem}", "messages") from None
-    exchanges = sum(1 for m in history if m["role"] == "user")
-    return history, user_turn, max(0, exchanges - MAX_HISTORY_TURNS)
+        raise ApiError(400, f"messages[{last_i}].content: {problem}", "messages") from None
+    trimmed = {
+        "history_trimmed_exchanges": sum(1 for _, m in dropped if m.role == "user"),
+        "history_trimmed_messages": len(dropped),
+    }
+    return history, user_turn, trimmed
 
 
 def options_for(req: ChatCompletionRequest) -> TurnOptions:
@@ -218,10 +263,10 @@ def options_for(req: ChatCompletionRequest) -> TurnOptions:
         raise ApiError(400, str(exc), "rag_persona") from None
 
 
-def context_payload(plan, dropped: int) -> dict:
+def context_payload(plan, trimmed: dict) -> dict:
     return {
         "context": [{"id": f.id, "text": f.text, "score": round(float(f.score), 4)} for f in plan.context],
-        "history_trimmed_exchanges": dropped,
+        **trimmed,
         "max_history_turns": MAX_HISTORY_TURNS,
     }
 
@@ -357,14 +402,26 @@ def add_api_routes(
     personas = Personas.of(engine)
     model_ids = personas.ids
 
+    def model_card(m: str) -> dict:
+        return {"id": m, "object": "model", "created": 0, "owned_by": "rag-persona"}
+
+    def check_model(model: str | None) -> None:
+        if model and model not in model_ids:
+            raise ApiError(
+                404,
+                f"model: no model {model!r} here; the models are {model_ids} (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
+
     @router.get("/models")
     def list_models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": "rag-persona"} for m in model_ids
-            ],
-        }
+        return {"object": "list", "data": [model_card(m) for m in model_ids]}
+
+    @router.get("/models/{model:path}")
+    def retrieve_model(model: str) -> dict:
+        check_model(model)
+        return model_card(model)
 
     @router.get("/health")
     def health() -> dict:
@@ -379,13 +436,7 @@ def add_api_routes(
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        if req.model and req.model not in model_ids:
-            raise ApiError(
-                404,
-                f"model: no model {req.model!r} here; the models are {model_ids} (GET /v1/models)",
-                "model",
-                "model_not_found",
-            )
+        check_model(req.model)
         return await complete(personas.get(req.model), req, request)
 
     @router.get("/openapi.json", include_in_schema=False)
@@ -417,8 +468,8 @@ def add_api_routes(
 
 
 async def _submit(engine: Engine, req: ChatCompletionRequest):
-    """(queued job, exchanges dropped from the history) or the ApiError the client gets."""
-    history, user_turn, dropped = split_request(req)
+    """(queued job, what was trimmed from the history) or the ApiError the client gets."""
+    history, user_turn, trimmed = split_request(req)
     options = options_for(req)
     if options.context_mode == "xattn" and not engine.xattn_available:
         raise ApiError(
@@ -430,7 +481,7 @@ async def _submit(engine: Engine, req: ChatCompletionRequest):
         raise ApiError(503, str(exc)) from None
     except RagPersonaError as exc:
         raise ApiError(400, str(exc)) from None
-    return job, dropped
+    return job, trimmed
 
 
 async def _reply(job, request: Request | None = None):
@@ -457,12 +508,12 @@ async def _reply(job, request: Request | None = None):
 
 async def complete(engine: Engine, req: ChatCompletionRequest, request: Request | None = None):
     """One chat completion: a JSON body, or an SSE stream when the request asks for one."""
-    job, dropped = await _submit(engine, req)
+    job, trimmed = await _submit(engine, req)
     completion = Completion(
         id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
         created=int(time.time()),
-        model=engine.model_label(),
-        extra=context_payload(job.plan, dropped),
+        model=engine.persona.id,  # the id the client asked for (GET /v1/models); the weights are in /v1/health
+        extra=context_payload(job.plan, trimmed),
     )
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -481,22 +532,30 @@ async def complete(engine: Engine, req: ChatCompletionRequest, request: Request 
     return completion.body("chat.completion", [choice], usage=_usage(reply), rag_persona=extra)
 
 
+def _where(error: dict) -> str:
+    """An error's field as the client wrote it (`messages[0].content`), without pydantic's union branch
+    names (`content.str`, `stop.list[str]`) that no client sent."""
+    where = ""
+    for p in map(str, error.get("loc", ())):
+        if p == "body" or p in ("str", "int", "float", "bool", "dict", "list") or "[" in p:
+            continue
+        where += f"[{p}]" if p.isdigit() else (f".{p}" if where else p)
+    return where
+
+
 def validation_message(errors: list) -> tuple[str, str]:
     """FastAPI's validation errors as one line naming the first bad field (`messages[0].role: ...`)."""
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    where = ""
-    for p in loc:
-        where += f"[{p}]" if p.isdigit() else (f".{p}" if where else p)
+    where = _where(first)
     msg = first.get("msg", "invalid request")
-    if first.get("type") == "json_invalid":
-        message = f"request body: not valid JSON ({first.get('ctx', {}).get('error', msg)})"
-        where = ""
-    elif first.get("type") == "missing":
+    if first.get("type") == "json_invalid":  # one parse failure, whatever else pydantic adds to it
+        return f"request body: not valid JSON ({first.get('ctx', {}).get('error', msg)})", ""
+    if first.get("type") == "missing":
         message = f"{where or 'request body'}: missing"
     else:
         message = f"{where or 'request body'}: {msg}"
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    others = len({_where(e) for e in errors} - {where})  # a union's branches are one problem
+    more = f" (and {others} more problems)" if others else ""
     return message + more, where
 
 
@@ -522,6 +581,9 @@ def add_error_handlers(app: FastAPI) -> None:
             message, where = validation_message(exc.errors())
         except Exception:  # an error list that does not render (e.g. a nesting-depth failure)
             message, where = "request body: invalid", ""
+        kind = request.headers.get("content-type", "")
+        if not where and "json" not in kind:  # curl -d without -H: a form body FastAPI did not parse
+            message = f"request body: send JSON with Content-Type: application/json (got {kind or 'none'!r})"
         return _AsciiJSON(error_body(message, param=where or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -580,7 +642,9 @@ async def _sse(job, completion: Completion, include_usage: bool):
             if kind == "piece":
                 yield completion.chunk({"content": value})
             elif kind == "error":
-                yield f"data: {json.dumps(error_body(str(value), 'server_error'), ensure_ascii=False)}\n\n"
+                err = internal_error(f"generation failed: {value}", code="generation_failed")
+                body = error_body(err.message, "server_error", code=err.code)
+                yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
                 break
             elif kind == "done":
                 finish = "stop" if value.ended_by_eos else "length"
