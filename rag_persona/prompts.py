@@ -17,6 +17,7 @@ how long a reply is (reply_length), and how to treat the facts that may follow.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ CONTEXT_HEADER = "【{name}についての情報】"
 _STYLE_TEXTS = ("register", "first_person", "instruction")
 _STYLE_LISTS = ("endings", "examples", "markers")
 _OPTIONAL_TEXTS = ("reading", "greeting", "adapter", "reply_length")
+# Ids name folders (build-data's per-persona parts), API models and URLs: a card must not choose a path.
+PERSONA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PERSONA_KEYS = ("id", "name", "reading", "summary", "greeting", "style", "adapter", "reply_length")
 
 
@@ -171,6 +174,13 @@ class Persona:
             if not (value or "").strip():
                 raise _bad(where, key, "missing or empty")
             required[key] = value
+        if not PERSONA_ID.fullmatch(required["id"]):
+            raise _bad(
+                where,
+                "id",
+                f"{required['id'][:80]!r}: use letters, digits, '_', '.' and '-', starting with a letter or "
+                "digit, at most 64 (it names folders and API models)",
+            )
         optional = {k: _text(data, k, where) for k in _OPTIONAL_TEXTS}
         return cls(**required, **optional, style=parse_style(data.get("style"), where), folder=folder)
 

@@ -120,9 +120,9 @@ def test_v2_kansai_card():
     assert facts["店の名前"].extra == {"keywords": ["店の名前", "お店の名前は何ですか？"]}
     assert facts["二度づけ禁止"].extra == {"keywords": ["ソース", "二度づけ"], "constant": True}
     assert facts["定休日"].questions == ["定休日はいつ？"]
-    # @@decorators are dropped; secondary keys join the keywords.
+    # @@decorators are dropped; a selective entry's secondary keys only narrow its keys' matches.
     assert facts["好きなもの"].text.startswith("鶴田美咲は阪神タイガース")
-    assert facts["好きなもの"].extra["keywords"] == ["好きな", "阪神", "野球"]
+    assert facts["好きなもの"].extra["keywords"] == ["好きな", "阪神"]
     assert [len(d["turns"]) for d in folder.dialogues] == [2, 1]
     turn = folder.dialogues[0]["turns"][1]
     assert turn == {
@@ -387,9 +387,11 @@ BAD_JSON = {
         _with("samurai_ronin", ["data", "character_book", "entries", 2, "enabled"], "yes"),
         r"entries\[2\]\.enabled': expected true or false",
     ),
-    "long-entry.json": (
-        _with("samurai_ronin", ["data", "character_book", "entries", 3, "content"], "長" * 1001),
-        r"entries\[3\]\.content': 1001 characters, the limit is 1000 \(RAG_PERSONA_MAX_FACT_CHARS\)",
+    "huge-number.json": ('{"name": "a", "x": 1' + "0" * 5000 + "}", r"broken JSON \(Exceeds the limit"),
+    "nested.json": ("[" * 200_000 + "]" * 200_000, r"broken JSON"),
+    "path-id.json": (
+        _with("samurai_ronin", ["data", "extensions"], {"rag_persona": {"id": "../../outside"}}),
+        r"field 'id': '\.\./\.\./outside': use letters, digits",
     ),
     "too-many.json": (
         _big_book(MAX_BOOK_ENTRIES + 1),
@@ -453,6 +455,78 @@ def test_bad_png_cards(tmp_path):
             card_to_persona(load_card(path), out)
         assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
         assert no_trace(out)
+
+
+def test_png_chunks_are_read_as_sillytavern_reads_them(tmp_path):
+    """Chunk names in any case, base64 without padding or with line breaks, a broken ccv3 beside a good
+    chara."""
+    card = card_json("student_casual")
+    raw = json.dumps(card, ensure_ascii=False).encode("utf-8")
+    wrapped = base64.encodebytes(raw).decode("ascii")  # a line break every 76 characters
+    unpadded = base64.b64encode(raw + b" " * (3 - len(raw) % 3 or 1)).decode("ascii").rstrip("=")
+    pngs = [
+        write_png(tmp_path / "upper.png", Chara=wrapped),
+        write_png(tmp_path / "unpadded.png", chara=unpadded),
+        write_png(tmp_path / "fallback.png", ccv3="not base64!", chara=b64(card)),
+    ]
+    for png in pngs:
+        assert load_card(png).name == card["data"]["name"], png.name
+
+
+def test_a_long_entry_becomes_several_facts_and_selective_keys_only_filter(tmp_path):
+    card = card_json("samurai_ronin")
+    entry = card["data"]["character_book"]["entries"][3]
+    paragraphs = ["一文目の長い説明でござる。" * 60, "二段落目の説明でござる。" * 60, "結び。"]
+    entry.update(content="\n\n".join(paragraphs), name="長い項目", keys=["剣"], secondary_keys=["流派"])
+    entry["selective"] = True
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(card, ensure_ascii=False), encoding="utf-8")
+    folder = card_to_persona(load_card(path), tmp_path / "out")
+    parts = [f for f in folder.facts if f.id.startswith("長い項目")]
+    assert [f.id for f in parts] == ["長い項目", "長い項目-part2"]
+    assert all(len(f.text) <= 1000 for f in parts)
+    assert "".join(f.text for f in parts).replace("\n", "") == "".join(paragraphs)
+    assert all(
+        f.extra["keywords"] == ["剣"] for f in parts
+    )  # 流派 narrows 剣's matches; alone it finds nothing
+    assert any("1507 characters, over 1000: split into 2 facts" in w for w in folder.warnings)
+
+
+def test_fields_a_persona_cannot_keep_are_named_and_a_japanese_name_gets_a_hashed_id(tmp_path):
+    card = card_json("student_casual")
+    card["data"].update(
+        name="花子", alternate_greetings=["やあ"], tags=["学生"], post_history_instructions="短く"
+    )
+    card["data"]["extensions"] = {"depth_prompt": {"prompt": "x", "depth": 4}, "talkativeness": "0.5"}
+    path = tmp_path / "花子.json"
+    path.write_text(json.dumps(card, ensure_ascii=False), encoding="utf-8")
+    folder = convert_card(load_card(path))
+    assert re.fullmatch(r"card-[0-9a-f]{8}", folder.persona["id"])
+    dropped = [w for w in folder.warnings if "not kept" in w]
+    assert len(dropped) == 1
+    for name in ("post_history_instructions", "alternate_greetings", "tags", "extensions.depth_prompt"):
+        assert f"data.{name}" in dropped[0]
+    assert convert_card(load_card(CARDS / "samurai_ronin.json")).persona["id"] != folder.persona["id"]
+
+
+def test_export_refuses_what_import_would_and_an_out_path_under_a_file_is_one_line(tmp_path):
+    out = tmp_path / "p"
+    card_to_persona(load_card(CARDS / "student_casual.json"), out)
+    fact = json.loads((out / "facts.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    rows = [json.dumps(dict(fact, id=f"f{i}"), ensure_ascii=False) for i in range(MAX_BOOK_ENTRIES + 1)]
+    (out / "facts.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(
+        RagPersonaError, match=rf"{MAX_BOOK_ENTRIES + 1} facts, a card's lorebook holds at most"
+    ):
+        persona_to_card(out, tmp_path / "big.json")
+    assert not (tmp_path / "big.json").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(
+        app, ["persona", "import", str(CARDS / "student_casual.json"), "--out", str(blocker / "p")]
+    )
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    assert "is a file" in result.stderr
 
 
 def test_oversized_card_file(tmp_path):

@@ -101,6 +101,9 @@ def test_persona_round_trips_through_its_json_form(persona):
     ("data", "field"),
     [
         ({"id": "x", "name": "", "summary": "s"}, "name"),
+        ({"id": "../x", "name": "n", "summary": "s"}, "id"),
+        ({"id": "/tmp/x", "name": "n", "summary": "s"}, "id"),
+        ({"id": "お嬢様", "name": "n", "summary": "s"}, "id"),
         ({"id": "x", "name": 5, "summary": "s"}, "name"),
         ({"id": "x", "name": "n"}, "summary"),
         ({"id": "x", "name": "n", "summary": "s", "reading": ["よみ"]}, "reading"),

@@ -18,6 +18,7 @@ from rag_persona.knowledge.card_text import (
     DIALOGUES_FILE,
     EXPORT_DIALOGUES,
     EXTENSION_KEY,
+    MAX_BOOK_ENTRIES,
     MAX_CARD_BYTES,
     PERSONA_FILE,
     V1_FIELDS,
@@ -201,6 +202,11 @@ def persona_to_card(persona_dir: str | Path, out_path: str | Path) -> CardExport
     if not isinstance(persona.get("style") or {}, dict):
         raise RagPersonaError(f"{persona_dir / PERSONA_FILE}: field 'style': expected an object")
     facts = _persona_facts(persona_dir / FACTS_FILE)
+    if len(facts) > MAX_BOOK_ENTRIES:  # the import's limit: a card we write must read back
+        raise RagPersonaError(
+            f"{persona_dir / FACTS_FILE}: {len(facts)} facts, a card's lorebook holds at most "
+            f"{MAX_BOOK_ENTRIES} (MAX_BOOK_ENTRIES)"
+        )
     conversations = _persona_dialogues(persona_dir / DIALOGUES_FILE)
     card = build_card(persona, facts, conversations)
     if out.suffix.lower() == ".png":

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 PERSONA_FILE = "persona.json"
 DIALOGUES_FILE = "dialogues.jsonl"
 MAX_CARD_BYTES = 10 * 1024 * 1024  # a card file (JSON or PNG), read or written
+MAX_BOOK_ENTRIES = 5000  # lorebook entries, read or written
 EXPORT_DIALOGUES = 20
 EXTENSION_KEY = "rag_persona"  # data.extensions / entry extensions key of what only rag-persona uses
 V1_FIELDS = ("name", "description", "personality", "scenario", "first_mes", "mes_example")

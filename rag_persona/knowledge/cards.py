@@ -5,7 +5,8 @@ Card → persona folder (`load_card`, then `card_to_persona`), every text after 
 case-insensitive; {{original}} dropped; other macros kept as written):
 
 - persona.json (the schema of rag_persona.prompts.Persona): ``id`` (--id, else the id a rag-persona export
-  stored, else a lower-case ASCII slug of the name or of the file name); ``name``; ``summary`` =
+  stored, else a lower-case ASCII slug of the name or of the file name, else "card-" + a hash of the name;
+  persona ids are letters, digits, '_', '.', '-', so a card cannot choose a path); ``name``; ``summary`` =
   description, then personality (「性格：…」), scenario (「場面：…」) and system_prompt, on one line;
   ``greeting`` = first_mes; ``style.examples`` (the first MAX_PROMPT_EXAMPLES), ``style.first_person``,
   ``style.markers`` and ``style.endings`` (the first MAX_PROMPT_ENDINGS markers) from mes_example (below),
@@ -15,12 +16,14 @@ case-insensitive; {{original}} dropped; other macros kept as written):
   derived one, the summary is the description, and ``style.instruction`` = the other two of personality
   and scenario plus system_prompt (what the export wrote there).
 - facts.jsonl: one fact per enabled character_book entry: ``text`` = content (leading @@decorator lines
-  dropped), ``keywords`` = keys + secondary_keys, ``questions`` = the question-like keys (`is_question`),
-  ``constant: true`` for constant entries (questions and tags come back from the entry's
+  dropped; a content over RAG_PERSONA_MAX_FACT_CHARS is cut at paragraph, line and sentence ends into
+  facts ``<id>``, ``<id>-part2``, … with the same keys, with a warning), ``keywords`` = keys, plus
+  secondary_keys unless the entry is ``selective`` (then they only filter what the keys find),
+  ``questions`` = the question-like keys (`is_question`), ``constant: true`` for constant entries (questions and tags come back from the entry's
   extensions.rag_persona when a rag-persona export put them there). Ids: slug of the entry's name, else
   comment, else "entry-<id>", else "entry-<position>", made unique with -2, -3, … Disabled entries are
   skipped, and so are entries whose content is empty (the V3 spec says an empty entry adds nothing to the
-  prompt): both are counted, the empty ones with a warning. A content longer than RAG_PERSONA_MAX_FACT_CHARS is an error.
+  prompt): both are counted, the empty ones with a warning.
 - dialogues.jsonl: one conversation per <START> block of mes_example that holds a user line answered by
   the character: turns ``{"user", "styled", "plain", "facts": []}``; a card has no plain-register version
   of the lines, so "plain" repeats "styled".
@@ -40,7 +43,8 @@ A card with no description, personality or scenario gets the summary 「<name>�
 Refused, as one RagPersonaError line naming the file (and PNG chunk) and the field, before anything is
 written: a file over MAX_CARD_BYTES, neither PNG nor JSON, not a card object, an unknown spec, a PNG
 without a chara/ccv3 chunk or with broken base64/JSON in it, an empty name, a field of the wrong type, a
-lorebook over MAX_BOOK_ENTRIES entries, an entry over RAG_PERSONA_MAX_FACT_CHARS.
+lorebook over MAX_BOOK_ENTRIES entries. Fields no part of a persona folder takes (post_history_instructions,
+alternate_greetings, tags, creator, lorebook settings, other tools' extensions, …) are named in a warning.
 
 Persona folder → card (`persona_to_card`): a chara_card_v3 JSON (V1 fields mirrored at the top level,
 every V2 data field present) or a PNG placeholder image holding it base64-encoded in a ``ccv3`` tEXt chunk
@@ -48,15 +52,18 @@ and the V2 form in ``chara``. name, description = summary, first_mes = greeting,
 style.instruction, mes_example = the first EXPORT_DIALOGUES conversations plus the examples they do not
 contain, one lorebook entry per fact (keys = keywords + questions, constant kept, name = comment = fact
 id; questions and tags also in the entry's extensions.rag_persona). Lost on the way: plain answers,
-dialogue fact ids, the adapter.
+dialogue fact ids, the adapter. A persona of more than MAX_BOOK_ENTRIES facts is refused (it would not
+read back).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +74,9 @@ from rag_persona.knowledge.card_text import (
     DEFAULT_USER_NAME,
     DIALOGUES_FILE,
     EXTENSION_KEY,
+    MAX_BOOK_ENTRIES,
     MAX_CARD_BYTES,
+    MAX_ID_CHARS,
     PERSONA_FILE,
     STYLE_LISTS,
     STYLE_TEXTS,
@@ -106,9 +115,20 @@ __all__ = [
 ]
 
 SPECS = ("chara_card_v2", "chara_card_v3")
-MAX_BOOK_ENTRIES = 5000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TEXTS = (*V1_FIELDS, "system_prompt", "nickname")
+# Card fields a persona folder has no place for: named in a warning at import, not silently lost.
+_UNKEPT = (
+    "post_history_instructions",
+    "alternate_greetings",
+    "group_only_greetings",
+    "tags",
+    "creator",
+    "character_version",
+    "creator_notes",
+    "assets",
+)
+_BOOK_SETTINGS = ("scan_depth", "token_budget", "recursive_scanning", "extensions")
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,9 @@ class BookEntry:
     content: str = ""
     enabled: bool = True
     constant: bool = False
+    selective: bool = (
+        False  # secondary_keys then filter (AND / NOT) what the keys find, not find by themselves
+    )
     name: str = ""
     comment: str = ""
     id: str = ""
@@ -150,6 +173,22 @@ class Card:
     nickname: str = ""
     entries: list[BookEntry] = field(default_factory=list)
     extensions: dict = field(default_factory=dict)
+    unkept: list[str] = field(default_factory=list)  # non-empty fields the persona folder will not keep
+
+
+def _set(value) -> bool:
+    return value not in (None, "", [], {}, False)
+
+
+def _unkept(data: dict, ext: dict) -> list[str]:
+    """The card's non-empty fields that no part of a persona folder takes (see _UNKEPT)."""
+    ours = EXTENSION_KEY in ext  # a rag-persona export: its creator_notes only say so
+    out = [k for k in _UNKEPT if _set(data.get(k)) and not (ours and k == "creator_notes")]
+    out += [f"extensions.{k}" for k, v in ext.items() if k != EXTENSION_KEY and _set(v)]
+    book = data.get("character_book")
+    if isinstance(book, dict):
+        out += [f"character_book.{k}" for k in _BOOK_SETTINGS if _set(book.get(k))]
+    return out
 
 
 @dataclass
@@ -162,10 +201,18 @@ class PersonaFolder:
     source: str
     disabled: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)  # "<entry label>: N characters into K facts"
+    dropped: list[str] = field(default_factory=list)  # the card's non-empty fields a persona has no place for
 
     @property
     def warnings(self) -> list[str]:
         out = [f"{self.source}: lorebook {label}: empty content, skipped" for label in self.empty]
+        out += [f"{self.source}: lorebook {what}" for what in self.split]
+        if self.dropped:
+            out.append(
+                f"{self.source}: not kept (a persona folder has no place for them; an export writes them "
+                f"empty): {', '.join(self.dropped)}"
+            )
         if not self.facts:
             out.append(
                 f"{self.source}: no lorebook entry became a fact; add facts to facts.jsonl before indexing"
@@ -240,6 +287,7 @@ def _entry(raw, index: int, where: str, prefix: str) -> BookEntry:
         content=_text(raw, "content", where, fld),
         enabled=_flag(raw, "enabled", True, where, fld),
         constant=_flag(raw, "constant", False, where, fld),
+        selective=_flag(raw, "selective", False, where, fld),
         # name and comment only label the entry (ids, messages): a non-string one is ignored, not refused.
         name=_text(raw, "name", where, fld).strip() if isinstance(raw.get("name"), str) else "",
         comment=_text(raw, "comment", where, fld).strip() if isinstance(raw.get("comment"), str) else "",
@@ -297,7 +345,14 @@ def parse_card(obj, path: Path, where: str | None = None) -> Card:
         raise _bad(where, prefix + "extensions", f"expected an object, got {type(ext).__name__}")
     entries = _entries(data.get("character_book"), where, prefix)
     return Card(
-        spec, path=path, source=where, field_prefix=prefix, entries=entries, extensions=ext or {}, **texts
+        spec,
+        path=path,
+        source=where,
+        field_prefix=prefix,
+        entries=entries,
+        extensions=ext or {},
+        unkept=_unkept(data, ext or {}),
+        **texts,
     )
 
 
@@ -313,12 +368,29 @@ def _png_card(path: Path, raw: bytes) -> tuple[object, str]:
             "Pillow cannot identify it" if isinstance(exc, UnidentifiedImageError) else str(exc) or repr(exc)
         )
         raise RagPersonaError(f"{path}: not a readable PNG image ({why.splitlines()[0]})") from None
-    key = next((k for k in ("ccv3", "chara") if k in chunks), None)
-    if key is None:
+    # SillyTavern matches chunk names in any case and decodes base64 with or without padding and line breaks.
+    named = {k.lower(): v for k, v in chunks.items() if isinstance(v, str)}
+    keys = [k for k in ("ccv3", "chara") if k in named]
+    if not keys:
         raise RagPersonaError(f"{path}: PNG holds no character card (no 'chara' or 'ccv3' text chunk)")
-    where = f"{path} (PNG chunk '{key}')"
+    for key in keys:
+        try:
+            return _chunk_json(named[key], f"{path} (PNG chunk '{key}')")
+        except RagPersonaError:
+            if key == keys[-1]:
+                raise
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).splitlines()[0][:200]
+
+
+def _chunk_json(text: str, where: str) -> tuple[object, str]:
+    """A PNG text chunk's base64 card JSON (a broken ccv3 chunk falls back to chara, as a V2 reader would)."""
+    compact = re.sub(r"\s+", "", text)
     try:
-        payload = base64.b64decode(chunks[key].strip(), validate=True)
+        payload = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RagPersonaError(f"{where}: broken base64 ({exc})") from None
     try:
@@ -327,6 +399,8 @@ def _png_card(path: Path, raw: bytes) -> tuple[object, str]:
         raise RagPersonaError(f"{where}: broken JSON (not UTF-8 at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise RagPersonaError(f"{where}: broken JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:  # a number over Python's digit limit, nesting too deep
+        raise RagPersonaError(f"{where}: broken JSON ({_first_line(exc)})") from None
 
 
 def load_card(path: str | Path) -> Card:
@@ -348,6 +422,8 @@ def load_card(path: str | Path) -> Card:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         reason = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
         raise RagPersonaError(f"{path}: not a character card: neither a PNG nor JSON ({reason})") from None
+    except (ValueError, RecursionError) as exc:  # a number over Python's digit limit, nesting too deep
+        raise RagPersonaError(f"{path}: not a character card: broken JSON ({_first_line(exc)})") from None
     return parse_card(obj, path)
 
 
@@ -395,8 +471,24 @@ def _ours(obj: dict, where: str, fld: str) -> dict:
     return ours
 
 
-def _facts(card: Card, fix: Callable[[str], str]) -> tuple[list[Fact], list[str], list[str]]:
-    facts, disabled, empty, used = [], [], [], set()
+def _pieces(text: str, limit: int) -> list[str]:
+    """A lorebook content cut into facts of at most `limit` characters, at paragraph, line and sentence ends
+    first: World Info entries run longer than one retrieved fact should."""
+    if len(text) <= limit:
+        return [text]
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    splitter = RecursiveCharacterTextSplitter(
+        chunk_size=limit,
+        chunk_overlap=0,
+        separators=["\n\n", "\n", "。", "！", "？", "!", "?", "、", " ", ""],
+        keep_separator="end",
+    )
+    return [p.strip() for p in splitter.split_text(text) if p.strip()]
+
+
+def _facts(card: Card, fix: Callable[[str], str]) -> tuple[list[Fact], list[str], list[str], list[str]]:
+    facts, disabled, empty, split, used = [], [], [], [], set()
     limit = get_settings().max_fact_chars
     for entry in card.entries:
         if not entry.enabled:
@@ -410,23 +502,32 @@ def _facts(card: Card, fix: Callable[[str], str]) -> tuple[list[Fact], list[str]
             empty.append(entry.label)
             continue
         fld = f"{card.field_prefix}character_book.entries[{entry.index}]"
-        if len(text) > limit:
-            raise _bad(
-                card.source,
-                f"{fld}.content",
-                f"{len(text)} characters, the limit is {limit} (RAG_PERSONA_MAX_FACT_CHARS)",
-            )
-        keywords = dedupe(fix(k).strip() for k in (*entry.keys, *entry.secondary_keys))
+        secondary = () if entry.selective else entry.secondary_keys
+        keywords = dedupe(fix(k).strip() for k in (*entry.keys, *secondary))
         keywords = [k for k in keywords if k]
         ours = _ours(entry.extensions, card.source, f"{fld}.extensions.{EXTENSION_KEY}")
         questions = ours.get("questions", [k for k in keywords if is_question(k)])
         extra = {"keywords": keywords} if keywords else {}
         if entry.constant:
             extra["constant"] = True
-        row = {"id": unique_id(_entry_id(entry), used), "text": text, "questions": questions}
-        row.update(tags=ours.get("tags", []), **extra)
-        facts.append(parse_fact(Path(card.source), entry.index, row, limit))
-    return facts, disabled, empty
+        pieces = _pieces(text, limit)
+        if len(pieces) > 1:
+            split.append(
+                f"{entry.label}: {len(text)} characters, over {limit}: split into {len(pieces)} facts"
+            )
+        base = _entry_id(entry)
+        for n, piece in enumerate(pieces, 1):
+            part = base[: MAX_ID_CHARS - 8].rstrip("-_.") + f"-part{n}"
+            fact_id = unique_id(base if n == 1 else part, used)
+            row = {
+                "id": fact_id,
+                "text": piece,
+                "questions": questions,
+                "tags": ours.get("tags", []),
+                **extra,
+            }
+            facts.append(parse_fact(Path(card.source), entry.index, row, limit))
+    return facts, disabled, empty, split
 
 
 # How much of the derived style the prompt shows: a few endings and example lines (the metrics use all markers).
@@ -486,7 +587,7 @@ def convert_card(
         or ours.get("id")
         or slug(card.name, ascii_only=True)
         or slug(card.path.stem, ascii_only=True)
-        or "card",
+        or "card-" + hashlib.sha256(card.name.encode("utf-8")).hexdigest()[:8],  # 「花子.png」: no ASCII
         "name": card.name,
         "reading": ours.get("reading", ""),
         "summary": parts[summary_key] if summary_key else f"{card.name}のキャラクター。",
@@ -495,9 +596,10 @@ def convert_card(
         "reply_length": ours.get("reply_length", ""),
     }
     persona = {k: v for k, v in persona.items() if v or k == "style"}
-    facts, disabled, empty = _facts(card, fix)
+    facts, disabled, empty, split = _facts(card, fix)
     dialogues = [{"id": f"ex{n:04d}", "kind": "example", "turns": t} for n, t in enumerate(conversations, 1)]
-    return PersonaFolder(persona, facts, dialogues, card.source, disabled, empty)
+    dropped = [card.field_prefix + k for k in card.unkept]
+    return PersonaFolder(persona, facts, dialogues, card.source, disabled, empty, split, dropped)
 
 
 def write_persona_folder(folder: PersonaFolder, out_dir: str | Path) -> Path:

@@ -75,10 +75,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     write_file_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def make_parent(path: Path) -> None:
+    """Create the folder path goes into; a file standing where a folder must be is one error line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RagPersonaError(
+            f"{path}: cannot write there: {path.parent} or a folder above it is a file"
+        ) from None
+
+
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a hidden file beside path, sync it, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp)
     try:
@@ -134,7 +144,7 @@ def atomic_folder(out: str | Path, *, marker: str | None = None, what: str = "th
     and a target lost between the two renames of an earlier swap is restored from its backup.
     """
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     recover_folder(out)
     check_replaceable(out, marker, what)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
