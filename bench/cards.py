@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rag_persona.utils.io import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "tests" / "data" / "cards"
 KNOWLEDGE = ROOT / "knowledge"
@@ -50,10 +52,7 @@ def run(cmd: list[str]) -> str:
 
 def shipped_prompts(persona: str, out: Path, n: int = 6) -> Path:
     """A shipped persona's six questions: a seeded sample of its held-out test queries about one fact."""
-    queries = [
-        json.loads(line)
-        for line in (KNOWLEDGE / persona / "queries" / "test.jsonl").read_text(encoding="utf-8").splitlines()
-    ]
+    queries = [q for _, q in read_jsonl(KNOWLEDGE / persona / "queries" / "test.jsonl")]
     single = [q for q in queries if len(q.get("relevant", [])) == 1]
     picked = random.Random(0).sample(single, n)
     rows = [{"query": q["query"], "golden_ids": q["relevant"], "kind": "fact"} for q in picked]
@@ -63,7 +62,7 @@ def shipped_prompts(persona: str, out: Path, n: int = 6) -> Path:
 
 
 def prompts_for(card: str, folder: Path) -> Path:
-    facts = [json.loads(line) for line in (folder / "facts.jsonl").read_text(encoding="utf-8").splitlines()]
+    facts = [f for _, f in read_jsonl(folder / "facts.jsonl")]
     rows = []
     for query, snippet in QUESTIONS[card]:
         golden = [f["id"] for f in facts if snippet in f["text"]]

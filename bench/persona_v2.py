@@ -190,14 +190,13 @@ def main(argv=None) -> int:
     from rag_persona.chat import default_persona
     from rag_persona.evaluation.evaluate import load_prompts, rejudge, run_evaluation
     from rag_persona.knowledge.facts import load_knowledge
+    from rag_persona.utils.io import read_jsonl
 
     persona = default_persona()
     facts = {f.id: f.text for f in load_knowledge(persona.folder).facts}
 
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    prompts = [
-        json.loads(x) for x in Path(args.prompts).read_text(encoding="utf-8").splitlines() if x.strip()
-    ]
+    prompts = [p for _, p in read_jsonl(args.prompts)]
     prompts = prompts[: args.limit] if args.limit else prompts
     rows, reports, earlier = [], {}, []
     for path in filter(None, args.earlier.split(",")):

@@ -85,8 +85,10 @@ def test_hash_ignores_layout_but_not_content(tmp_path):
 
 
 def test_write_facts_round_trips(tmp_path):
-    facts = [Fact("a", "テキスト", questions=["質問？"], extra={"k": [1, 2]}), Fact("b", "二")]
+    # U+2028 and U+0085 stay unescaped in the JSON text and must not end a record (str.splitlines would).
+    facts = [Fact("a", "テキスト\u2028続き", questions=["質問？"], extra={"k": [1, 2]}), Fact("b", "二\x85三")]
     write_facts(tmp_path / "out.jsonl", facts)
+    assert "\u2028" in (tmp_path / "out.jsonl").read_text(encoding="utf-8")
     again = load_knowledge(tmp_path / "out.jsonl")
     assert [f.to_dict() for f in again] == [f.to_dict() for f in facts]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left behind"

@@ -27,7 +27,9 @@ def read_jsonl(path: str | Path, missing: str = "no such file") -> Iterator[tupl
         raise RagPersonaError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise RagPersonaError(f"{path}: cannot read ({exc.strerror})") from None
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a JSONL record: json.dumps(ensure_ascii=False) leaves U+2028/U+0085 inside strings,
+    # which str.splitlines would cut (CRLF files still read: the "\r" is white space to json).
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -187,6 +189,10 @@ def read_json(path: str | Path, missing: str = "no such file") -> dict:
         raise RagPersonaError(f"{path}: {missing}") from None
     except json.JSONDecodeError as exc:
         raise RagPersonaError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise RagPersonaError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:  # a folder where the file should be, no permission, ...
+        raise RagPersonaError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(obj, dict):
         raise RagPersonaError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
