@@ -101,6 +101,9 @@ def test_config_validation():
         RetrievalConfig(mode="sparse")
     with pytest.raises(RagPersonaError, match="field 'k'"):
         RetrievalConfig(k=0)
+    for bad in (2.0, -3.0, float("nan")):
+        with pytest.raises(RagPersonaError, match="field 'threshold': .* between 0 and 1"):
+            RetrievalConfig(threshold=bad)
 
 
 def test_retriever_for_prefers_the_tuned_threshold(persona_b):
@@ -112,6 +115,8 @@ def test_retriever_for_prefers_the_tuned_threshold(persona_b):
     assert (tuned.threshold, tuned.threshold_source) == (0.5, "tuned")
     assert retriever_for(store, threshold=0.7).threshold_source == "explicit"
     assert retriever_for(store, mode="dense").threshold == DEFAULT_THRESHOLDS["dense"]
+    with pytest.raises(RagPersonaError, match="field 'k'"):  # 0 is refused, not taken for "the default"
+        retriever_for(store, k=0)
 
 
 def test_langchain_adapter_returns_documents(ojousama):

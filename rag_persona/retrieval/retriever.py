@@ -27,7 +27,6 @@ This module gathers that evidence per query and applies threshold and k.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,8 +118,11 @@ class RetrievalConfig:
             raise RagPersonaError(
                 f"retrieval: field 'conversation': {self.conversation!r} is not one of {', '.join(CONVERSATION_MODES)}"
             )
-        if self.threshold is not None and not math.isfinite(float(self.threshold)):
-            raise RagPersonaError(f"retrieval: field 'threshold': not a number ({self.threshold})")
+        if self.threshold is not None and not 0.0 <= float(self.threshold) <= 1.0:  # NaN fails too
+            raise RagPersonaError(
+                f"retrieval: field 'threshold': {self.threshold} is not a score between 0 and 1 "
+                "(every mode's scores are calibrated into [0, 1])"
+            )
 
 
 @dataclass
@@ -427,7 +429,7 @@ def retriever_for(
     config = RetrievalConfig(
         mode=mode or stored.get("mode") or DEFAULT_MODE,
         threshold=threshold,
-        k=int(k or stored.get("k") or DEFAULT_K),
+        k=int(k if k is not None else stored.get("k") or DEFAULT_K),  # k=0 is refused, not the default
         conversation=conversation or DEFAULT_CONVERSATION,
     )
     return Retriever(store, config)
