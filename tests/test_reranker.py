@@ -161,6 +161,13 @@ def test_the_cli_passes_each_option_to_the_recipe_field_of_its_name(monkeypatch,
     assert seen == {"calibrated": out}
 
 
+def test_training_refuses_to_replace_a_folder_that_is_not_a_reranker(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RagPersonaError, match="holds no reranker.json; refusing to replace it"):
+        train_reranker(RerankerRecipe(max_steps=1), tmp_path, log=lambda msg: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_missing_training_data_is_one_error_line(monkeypatch, tmp_path):
     monkeypatch.setenv("RAG_PERSONA_DATASETS", str(tmp_path))
     with pytest.raises(RagPersonaError, match="no such file"):

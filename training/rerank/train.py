@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rag_persona.utils.io import atomic_folder
+from rag_persona.utils.io import atomic_folder, check_replaceable
 
 
 @dataclass
@@ -84,15 +84,17 @@ def train_reranker(recipe: RerankerRecipe, out: Path, log=print) -> dict:
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
     from rag_persona.retrieval.e5_torch import load_e5_model
-    from rag_persona.retrieval.reranker import save_trained
+    from rag_persona.retrieval.reranker import MANIFEST, save_trained
 
+    # Refused before an hour of training: --out replaces only an earlier reranker folder (or none).
+    check_replaceable(Path(out).absolute(), MANIFEST, "a reranker")
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     started = time.perf_counter()
     pairs = build_pairs(recipe, hybrid_ranker())
     log(f"[rerank] {len(pairs)} pairs built in {time.perf_counter() - started:.0f} s")
     base, tokenizer = load_e5_model()
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, marker=MANIFEST, what="a reranker") as tmp:
         hf = sequence_classifier(base, tokenizer, Path(tmp) / "hf-init")
         model = CrossEncoder(str(hf), num_labels=1, max_length=recipe.max_length, device="cpu")
         first_trained = base.config.num_hidden_layers - recipe.train_layers
