@@ -86,7 +86,10 @@ def test_hash_ignores_layout_but_not_content(tmp_path):
 
 def test_write_facts_round_trips(tmp_path):
     # U+2028 and U+0085 stay unescaped in the JSON text and must not end a record (str.splitlines would).
-    facts = [Fact("a", "テキスト\u2028続き", questions=["質問？"], extra={"k": [1, 2]}), Fact("b", "二\x85三")]
+    facts = [
+        Fact("a", "テキスト\u2028続き", questions=["質問？"], extra={"k": [1, 2]}),
+        Fact("b", "二\x85三"),
+    ]
     write_facts(tmp_path / "out.jsonl", facts)
     assert "\u2028" in (tmp_path / "out.jsonl").read_text(encoding="utf-8")
     again = load_knowledge(tmp_path / "out.jsonl")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge import LabelledQuery, load_queries
 from rag_persona.retrieval import build_index, load_index, retriever_for
 from rag_persona.retrieval.tuning import (
@@ -59,6 +60,12 @@ def test_sweep_chooses_the_middle_of_the_best_plateau(tmp_path):
     assert result.plateau()[0] > 0.4 and result.plateau()[1] <= 0.7
     png = plot_sweep(result, tmp_path / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(RagPersonaError, match="folder: is a folder; name the file to write"):
+        plot_sweep(result, tmp_path / "folder")
+    with pytest.raises(RagPersonaError, match="sweep.png or a folder above it is a file"):
+        plot_sweep(result, png / "p.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "sweep.png"]  # no temporary file left
 
 
 def test_fit_logistic_recovers_a_known_rule():

@@ -22,6 +22,7 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge.facts import LabelledQuery
 from rag_persona.retrieval.calibration import Calibration
 from rag_persona.retrieval.retriever import RetrievalConfig, Retriever, retriever_for
+from rag_persona.utils.io import write_file_atomic
 
 # One ranked candidate list per query: (fact id, score), best first.
 Ranking = list[tuple[str, float]]
@@ -192,8 +193,6 @@ def plot_sweep(result: Sweep, path: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     t = result.thresholds
     ax.plot(t, result.precision, label="precision")
@@ -217,11 +216,10 @@ def plot_sweep(result: Sweep, path: str | Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # -- evaluation and tuning on an index -------------------------------------------------------------

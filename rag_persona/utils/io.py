@@ -90,6 +90,8 @@ def make_parent(path: Path) -> None:
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a hidden file beside path, sync it, then rename it into place."""
     path = Path(path)
+    if path.is_dir():
+        raise RagPersonaError(f"{path}: is a folder; name the file to write")
     make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp)
