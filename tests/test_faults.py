@@ -79,6 +79,33 @@ store.build_index(sys.argv[1], sys.argv[2], "e5-small")
 """
 
 
+def test_a_corrupt_index_is_one_error_line_and_index_rebuilds_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from rag_persona.cli.app import app
+    from rag_persona.retrieval.store import build_index, load_index
+
+    kb = _small_kb(tmp_path / "kb")
+    out = tmp_path / "index"
+    build_index(kb, out, "e5-small")
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    (out / "manifest.json").write_text(json.dumps({**manifest, "embedder": "e5-small"}), encoding="utf-8")
+    with pytest.raises(RagPersonaError, match="manifest.json: field 'embedder': expected"):
+        load_index(out)
+    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (out / "index.faiss").write_bytes(b"junk" * 64)
+    with pytest.raises(
+        RagPersonaError, match=r"index\.faiss: not a readable FAISS index .*; rebuild the index$"
+    ):
+        load_index(out)
+    res = CliRunner().invoke(app, ["search", "名前", "--index", str(out)])
+    assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1 and "rebuild the index" in res.stderr
+    res = CliRunner().invoke(app, ["index", "--kb", str(kb), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "earlier index unreadable, rebuilt without its tuned threshold" in res.stderr
+    assert len(load_index(out)) == 6
+
+
 @pytest.mark.parametrize("stage", ["writing", "between-renames"])
 def test_killed_index_build_keeps_the_old_index_and_the_next_run_cleans_up(tmp_path, stage):
     from rag_persona.retrieval.store import build_index, load_index

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from rag_persona.cli.common import JsonOpt, PersonaOpt, _progress, app, echo_json, friendly, open_index
+from rag_persona.errors import RagPersonaError
 
 IndexOpt = Annotated[
     str | None,
@@ -53,7 +54,12 @@ def index_cmd(
 
     kb = kb or str(get_settings().persona_dir(persona))
     out = out or str(default_index_dir(persona))
-    old = load_index(out, check=False) if is_index(out) else None
+    old = None
+    if is_index(out):
+        try:  # only for its tuned threshold: a broken earlier index is what `index` is run to replace
+            old = load_index(out, check=False)
+        except RagPersonaError as exc:
+            _progress(f"earlier index unreadable, rebuilt without its tuned threshold: {exc}")
     store = build_index(kb, out, embedder, progress=not as_json, keep_threshold_from=old)
     info = {
         "index": str(store.path),

@@ -399,6 +399,15 @@ def load_index(
     for key in ("format", "embedder", "knowledge_hash", "counts"):
         if key not in manifest:
             raise RagPersonaError(f"{manifest_path}: field '{key}': missing")
+    embedder_info = manifest["embedder"]
+    if not (
+        isinstance(embedder_info, dict)
+        and isinstance(embedder_info.get("name"), str)
+        and isinstance(embedder_info.get("dim"), int)
+    ):
+        raise RagPersonaError(
+            f"{manifest_path}: field 'embedder': expected {{name, dim, ...}}; rebuild the index"
+        )
     if manifest["format"] != INDEX_FORMAT:
         raise RagPersonaError(
             f"{manifest_path}: field 'format': index format {manifest['format']} is not {INDEX_FORMAT}; rebuild it"
@@ -408,7 +417,13 @@ def load_index(
     index_path = path / INDEX_FILE
     if not index_path.is_file():
         raise RagPersonaError(f"{index_path}: missing; rebuild the index")
-    index = faiss.read_index(str(index_path))
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as exc:  # FAISS's C++ errors: a cut or foreign file
+        reason = str(exc).strip().splitlines()[-1][:160]
+        raise RagPersonaError(
+            f"{index_path}: not a readable FAISS index ({reason}); rebuild the index"
+        ) from None
     _, owner, kinds = fact_keys(facts)
     if index.ntotal != len(owner) or index.d != manifest["embedder"]["dim"]:
         raise RagPersonaError(
