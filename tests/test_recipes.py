@@ -51,8 +51,19 @@ def _bad(tmp_path: Path, text: str) -> Path:
         ("name: x\nstage: sft\nlora: {r: 8, alfa: 16}\n", "lora.alfa", "unknown"),
         ("name: x\nstage: rl\nrl: {num_generation: 2}\n", "rl.num_generation", "unknown"),
         ("name: x\nstage: xattn\nmax_steps: 5\nxattn: {rnak: 4}\n", "xattn.rnak", "unknown"),
-        # YAML 1.1 reads 1e-5 (no dot) as text
-        ("name: x\nstage: sft\nlearning_rate: 1e-5\n", "learning_rate", "expected a number"),
+        ("name: x\nstage: sft\nlearning_rate: 1e-5x\n", "learning_rate", "expected a number"),
+        ("name: x\nstage: sft\nlearning_rate: .nan\n", "learning_rate", "must be positive"),
+        ("name: x\nstage: sft\nnum_train_epochs: .inf\n", "num_train_epochs", "not a finite number"),
+        ("name: x\nstage: sft\nlr_scheduler_type: cosinee\n", "lr_scheduler_type", "'cosinee' is not one of"),
+        ("name: x\nstage: sft\nmax_steps: -5\n", "max_steps", "a number of steps, or -1"),
+        ("name: x\nstage: sft\nlogging_steps: 0\n", "logging_steps", "at least 1"),
+        ("name: x\nstage: sft\nmax_eval_examples: -1\n", "max_eval_examples", "at least 1"),
+        ("name: x\nstage: sft\nmax_train_examples: 0\n", "max_train_examples", "at least 1"),
+        ("name: x\nstage: sft\nweight_decay: -1.0\n", "weight_decay", "must not be negative"),
+        ("name: x\nstage: sft\nseed: -1\n", "seed", "in [0, 4294967295]"),
+        ("name: x\nstage: sft\ncpu_threads: 0\n", "cpu_threads", "at least 1"),
+        ("name: x\nstage: sft\nlora: {top_layers: -3}\n", "lora.top_layers", "a number of layers"),
+        ("name: x\nstage: dpo\nloss_type: [bogus]\n", "loss_type", "['bogus'] not in trl's sigmoid"),
         ("name: x\nstage: sft\nmax_steps: true\n", "max_steps", "expected a whole number"),
         ("name: x\nstage: sft\nlora: {target_modules: 3}\n", "lora.target_modules", "expected text or"),
         ("name: x\nstage: sft\nlora: 8\n", "lora", "expected a mapping"),
@@ -68,6 +79,15 @@ def test_a_wrong_key_or_value_is_one_line_naming_file_and_key(tmp_path, text, ke
         load_recipe(path)
     assert "\n" not in str(err.value)
     assert str(err.value).startswith(f"{path}: field '{key}': {problem}")
+
+
+def test_a_number_yaml_reads_as_text_is_a_number_and_a_non_utf8_file_one_line(tmp_path):
+    # YAML 1.1 reads 1e-5 (no dot) as text; users write it that way (and trl's own examples do).
+    assert load_recipe(_bad(tmp_path, "name: x\nstage: sft\nlearning_rate: 1e-5\n")).learning_rate == 1e-5
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: x\nstage: sft\nnotes: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RagPersonaError, match=r"latin1\.yaml: not UTF-8 text"):
+        load_recipe(path)
 
 
 def test_a_close_misspelling_names_the_field_meant(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -187,7 +188,7 @@ class Recipe:
             "gradient_accumulation_steps",
             "max_length",
         ):
-            if not getattr(self, name) or getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # NaN is not positive either
                 _fail(where, name, "must be positive")
         if self.save_steps < 0:
             _fail(where, "save_steps", "a number of steps, 0 for no checkpoints")
@@ -195,6 +196,7 @@ class Recipe:
             _fail(where, "warmup_steps", "a whole number of steps, or a share of the steps below 1")
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
+        _validate_counts(self, where)
         if self.stage in ("cpt", "reward") and self.init_adapter:
             _fail(where, "init_adapter", f"the {self.stage} stage starts from the base model")
         if self.stage != "xattn":
@@ -221,13 +223,62 @@ class Recipe:
         return out
 
 
+# trl's DPOConfig.loss_type values (trl 1.x docs); an unknown one would fail only at the first step.
+DPO_LOSSES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+MAX_SEED = 2**32 - 1  # numpy's seed range, which transformers' set_seed uses
+
+
+def _validate_counts(recipe: Recipe, where: str) -> None:
+    """Values every stage reads: finite, in range, and a scheduler transformers knows; refused here, before
+    a model is loaded, not at the first step."""
+    from transformers.trainer_utils import SchedulerType
+
+    for name in ("learning_rate", "num_train_epochs", "weight_decay", "beta"):
+        if not math.isfinite(getattr(recipe, name)):
+            _fail(where, name, f"not a finite number ({getattr(recipe, name)})")
+    if recipe.weight_decay < 0:
+        _fail(where, "weight_decay", "must not be negative")
+    schedulers = [s.value for s in SchedulerType]
+    if recipe.lr_scheduler_type not in schedulers:
+        _fail(
+            where, "lr_scheduler_type", f"{recipe.lr_scheduler_type!r} is not one of {', '.join(schedulers)}"
+        )
+    if recipe.max_steps == 0 or recipe.max_steps < -1:
+        _fail(where, "max_steps", "a number of steps, or -1 for num_train_epochs")
+    if recipe.logging_steps < 1:
+        _fail(where, "logging_steps", "at least 1")
+    for name in ("max_train_examples", "max_eval_examples", "cpu_threads"):
+        if getattr(recipe, name) is not None and getattr(recipe, name) < 1:
+            _fail(where, name, "at least 1, or null for no limit" if "examples" in name else "at least 1")
+    if not 0 <= recipe.seed <= MAX_SEED:
+        _fail(where, "seed", f"in [0, {MAX_SEED}]")
+
+
 def _fail(where: str, name: str, problem: str):
     raise RagPersonaError(f"{where}: field '{name}': {problem}")
 
 
 def _validate_lora(lora: LoraRecipe, where: str) -> None:
-    if lora.r <= 0 or lora.lora_alpha <= 0 or not 0 <= lora.lora_dropout < 1:
+    if not (lora.r > 0 and lora.lora_alpha > 0 and 0 <= lora.lora_dropout < 1):
         _fail(where, "lora", "r and lora_alpha must be positive, lora_dropout in [0, 1)")
+    if lora.top_layers is not None and lora.top_layers < 0:
+        _fail(where, "lora.top_layers", "a number of layers from the top (0 or null: every layer)")
     if lora.layers is not None:
         if lora.top_layers:
             _fail(where, "lora.layers", "give either lora.layers or lora.top_layers, not both")
@@ -245,6 +296,9 @@ def _validate_contrasts(recipe: Recipe, where: str) -> None:
 def _validate_dpo(recipe: Recipe, where: str) -> None:
     if recipe.beta <= 0:
         _fail(where, "beta", "must be positive")
+    unknown = [t for t in recipe.loss_type if t not in DPO_LOSSES]
+    if unknown or not recipe.loss_type:
+        _fail(where, "loss_type", f"{unknown or recipe.loss_type} not in trl's {', '.join(DPO_LOSSES)}")
     _validate_contrasts(recipe, where)
     if recipe.loss_weights is not None and len(recipe.loss_weights) != len(recipe.loss_type):
         _fail(where, "loss_weights", "needs one weight per loss_type entry")
@@ -357,6 +411,17 @@ def _fits(value, hint) -> bool:
     return isinstance(value, hint)
 
 
+def _yaml_number(value) -> float | None:
+    """A number PyYAML left as text (1e-4, 5E-6), else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and value.strip().lower() not in ("nan", "inf", "-inf") else None
+
+
 def _unknown(where: str, key: str, known) -> RagPersonaError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
@@ -379,7 +444,10 @@ def _from_dict(cls, data: dict, where: str, prefix: str = ""):
                 _fail(where, key, "expected a mapping")
             kwargs[key] = _from_dict(_BLOCKS[key], value, where, f"{key}.")
         elif not _fits(value, hints[key]):
-            _fail(where, f"{prefix}{key}", f"expected {_type_name(hints[key])}, got {value!r}")
+            number = _yaml_number(value)  # PyYAML (YAML 1.1) reads 1e-4 as text: "1.0e-4" is its number
+            if number is None or not _fits(number, hints[key]):
+                _fail(where, f"{prefix}{key}", f"expected {_type_name(hints[key])}, got {value!r}")
+            kwargs[key] = number
         else:
             kwargs[key] = value
     if cls is Recipe:
@@ -417,6 +485,8 @@ def read_recipe_file(path: Path) -> dict:
     """The parsed YAML mapping of a recipe file; one line naming the file (and line) when it is not one."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RagPersonaError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
