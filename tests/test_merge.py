@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from training.merging.evomerge import EvoConfig, evo_merge, persona_score
 from training.merging.merge import merge, merge_adapters, merge_models
 from training.merging.task_vectors import module_type, task_vectors, tensor_norms
 from training.provenance import file_sha256
+from training.shipping import ship_adapter
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -382,7 +384,15 @@ def test_bad_input_is_one_clear_error(s, tmp_path):
             "--budget",
         ),
         (lambda: EvoConfig(population_size=2).validate(2), "--population: 2"),
+        (lambda: merge([s.a1, list_config], out), r"adapter_config\.json: expected a JSON object, got list"),
+        (
+            lambda: ship_adapter(s.a1, tmp_path / "shipped"),
+            r"metrics\.json: no such file: not a training run",
+        ),
     ]
+    list_config = tmp_path / "list-config"
+    shutil.copytree(s.a1, list_config)
+    (list_config / "adapter_config.json").write_text("[]")
     for fn, pattern in cases:
         with pytest.raises(RagPersonaError, match=pattern) as err:
             fn()

@@ -7,15 +7,11 @@ import shutil
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.utils.io import atomic_folder, write_json
+from rag_persona.utils.io import atomic_folder, read_json, write_json
 from training.provenance import file_sha256
 from training.stages.records import PROVENANCE
 
 ADAPTER_MANIFEST = "rag_persona_adapter.json"
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _copy_provenance(src: Path, dest: Path) -> None:
@@ -28,7 +24,7 @@ def _copy_lineage(metrics: dict, work: Path) -> None:
     """Earlier stages (the SFT a DPO run continued) keep their own recipe, data manifest and curve."""
     ancestor = metrics.get("init_adapter")
     while ancestor and (Path(ancestor) / "metrics.json").is_file():
-        a_metrics = _read_json(Path(ancestor) / "metrics.json")
+        a_metrics = read_json(Path(ancestor) / "metrics.json")
         folder = work / "lineage" / f"{a_metrics.get('stage')}-{a_metrics.get('recipe')}"
         folder.mkdir(parents=True)
         _copy_provenance(Path(ancestor), folder)
@@ -74,11 +70,13 @@ def ship_adapter(
     run, dest = Path(run), Path(dest)
     if not (run / "adapter_config.json").is_file():
         raise RagPersonaError(f"{run}: not an adapter folder (no adapter_config.json)")
-    metrics = _read_json(run / "metrics.json")
+    metrics = read_json(run / "metrics.json", missing="no such file: not a training run's output folder")
+    if not isinstance(metrics.get("base_model"), str):
+        raise RagPersonaError(f"{run / 'metrics.json'}: field 'base_model': missing (not a training run's)")
     with atomic_folder(dest, marker=ADAPTER_MANIFEST, what="a shipped adapter") as work:
         _copy_provenance(run, work)
         _copy_lineage(metrics, work)
-        config = _read_json(run / "adapter_config.json")
+        config = read_json(run / "adapter_config.json")
         config["base_model_name_or_path"] = metrics["base_model"]  # the alias, not this machine's cache path
         (work / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         tensors = load_file(str(run / "adapter_model.safetensors"))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.utils.io import write_json
+from rag_persona.utils.io import read_json, write_json
 from training.provenance import file_sha256
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,10 +33,7 @@ def read_adapter_config(path: str | Path) -> dict:
     cfg_path = path / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise RagPersonaError(f"{path}: not an adapter folder (no {ADAPTER_CONFIG})")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RagPersonaError(f"{cfg_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    cfg = read_json(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise RagPersonaError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     if not (path / ADAPTER_WEIGHTS).is_file():
