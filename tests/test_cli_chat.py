@@ -46,3 +46,16 @@ def test_chat_answers_each_line_skips_a_refused_one_and_stops_at_an_empty_line(t
 def test_chat_refuses_an_unknown_mode():
     res = runner.invoke(app, ["chat", "--mode", "telepathy"])
     assert res.exit_code == 2 and "mode 'telepathy' is not one of prompt, xattn" in res.output
+
+
+def test_a_missing_or_foreign_adapter_folder_is_refused_before_the_model_opens(tmp_path, monkeypatch):
+    import rag_persona.generation.engines as engines
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was opened before the adapter was checked")
+
+    monkeypatch.setattr(engines, "open_engine", never)
+    res = runner.invoke(app, ["ask", "こんにちは", "--adapter", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and res.stderr.strip().endswith("nope: no such adapter folder"), res.output
+    res = runner.invoke(app, ["ask", "こんにちは", "--adapter", str(tmp_path)])
+    assert res.exit_code == 2 and "not a peft adapter folder (no adapter_config.json)" in res.stderr

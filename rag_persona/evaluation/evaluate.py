@@ -90,8 +90,25 @@ def persona_adapter(persona: Persona, model: str, root: Path | None = None) -> s
 def resolve_adapter(model: str | None, adapter: str | None, persona: str | None = None) -> str | None:
     """An explicit --adapter (or 'none'), else the default adapter for this model and persona."""
     if adapter is not None:
-        return None if adapter.strip().lower() in NO_ADAPTER else adapter
+        if adapter.strip().lower() in NO_ADAPTER:
+            return None
+        check_adapter_folder(adapter)
+        return adapter
     return default_adapter(model, persona)
+
+
+def check_adapter_folder(adapter: str) -> None:
+    """A local adapter (a path, or a name whose first folder exists here) must be a peft adapter folder;
+    checked before the model opens (a first open verifies and unpacks hundreds of MB). Anything else is
+    left to the loader as a hub id."""
+    path = Path(adapter).expanduser()
+    local = path.is_absolute() or adapter.startswith((".", "~")) or Path(path.parts[0]).exists()
+    if not local:
+        return
+    if not path.is_dir():
+        raise RagPersonaError(f"--adapter {adapter}: no such adapter folder")
+    if not (path / "adapter_config.json").is_file():
+        raise RagPersonaError(f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
 
 
 # -- prompts ---------------------------------------------------------------------------------------------
