@@ -50,10 +50,14 @@ def test_build_data_refuses_a_folder_it_did_not_write(persona_index, tmp_path):
     out = tmp_path / "mine"
     (out / "kb").mkdir(parents=True)
     (out / "notes.txt").write_text("my notes", encoding="utf-8")
-    with pytest.raises(RagPersonaError, match=r"mine: folder is not empty and holds no manifest.json"):
+    with pytest.raises(RagPersonaError, match=r"mine: folder is not empty and holds no eval_prompts.jsonl"):
         build_datasets(DataConfig(out=out, index=persona_index, seed=7))
     assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes" and (out / "kb").is_dir()
     assert _siblings(out) == []
+    # An index folder has a manifest.json too, and neither kind of output replaces the other.
+    with pytest.raises(RagPersonaError, match=r"holds no eval_prompts.jsonl; refusing to replace it"):
+        build_datasets(DataConfig(out=persona_index, index=persona_index, seed=7))
+    assert (persona_index / "index.faiss").is_file()
 
 
 _KILLED_BUILD = """

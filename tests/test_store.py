@@ -122,7 +122,7 @@ def test_refuses_to_replace_a_folder_that_is_not_an_index(kb_copy, tmp_path):
     target = tmp_path / "precious"
     target.mkdir()
     (target / "thesis.txt").write_text("do not delete", encoding="utf-8")
-    with pytest.raises(RagPersonaError, match="not empty and holds no manifest.json"):
+    with pytest.raises(RagPersonaError, match="not empty and holds no index.faiss"):
         build_index(kb_copy, target)
     assert (target / "thesis.txt").read_text() == "do not delete"
 

@@ -159,7 +159,7 @@ class FactStore:
         target = Path(path or self.path or "")
         if not str(target):
             raise RagPersonaError("index: no folder to save to")
-        with atomic_folder(target, marker=MANIFEST_FILE, what="an index") as work:
+        with atomic_folder(target, marker=INDEX_FILE, what="an index") as work:
             _write_store_files(self, work)
         self.path = target
         return target
@@ -344,7 +344,7 @@ def build_index(
 ) -> FactStore:
     """Build and save an index folder atomically; an existing index there is replaced only on success."""
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, MANIFEST_FILE, "an index")  # before the embedding work, not only at the save
+    check_replaceable(out_dir, INDEX_FILE, "an index")  # before the embedding work, not only at the save
     store = build_store(kb, embedder, progress=progress)
     if keep_threshold_from is not None:
         old = keep_threshold_from.manifest
@@ -416,7 +416,7 @@ def load_index(
     facts = [parse_fact(facts_path, line, obj) for line, obj in read_jsonl(facts_path)]
     index_path = path / INDEX_FILE
     if not index_path.is_file():
-        raise RagPersonaError(f"{index_path}: missing; rebuild the index")
+        raise RagPersonaError(f"{index_path}: missing; remove {path} and rebuild the index")
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as exc:  # FAISS's C++ errors: a cut or foreign file

@@ -21,6 +21,8 @@ from .dialogues import STYLES, Conversation, Turn, load_dialogues
 
 DATA_FORMAT_VERSION = "1"
 MANIFEST = "manifest.json"
+# What only a build-data output holds (an index folder has a manifest.json too): the overwrite guard's marker.
+MARKER = "eval_prompts.jsonl"
 VARIANTS = {"d0": ("plain",), "d1": ("ojousama",), "d2": ("plain", "ojousama")}
 # DPO files are named for the style that is *chosen*; the other style is rejected.
 DPO_VARIANTS = {"d1": ("ojousama", "plain"), "d0": ("plain", "ojousama")}
@@ -114,7 +116,7 @@ def build_datasets(config: DataConfig, teacher=None) -> dict:
     marked "generated": true.
     """
     # Refuse someone else's folder before any work, not only at the final swap.
-    check_replaceable(Path(config.out).absolute(), MANIFEST, "build-data output")
+    check_replaceable(Path(config.out).absolute(), MARKER, "build-data output")
     persona_dir = get_settings().persona_dir(config.persona)
     persona = Persona.load(persona_dir)
     store, retriever = _open_retriever(config)
@@ -306,7 +308,7 @@ def _write(
     n_fact_questions: int = 0,
 ) -> dict:
     files = {}
-    with atomic_folder(config.out, marker=MANIFEST, what="build-data output") as work:
+    with atomic_folder(config.out, marker=MARKER, what="build-data output") as work:
         for name in sorted(rows):
             path = work / f"{name}.jsonl"
             path.write_text(jsonl_text(rows[name]), encoding="utf-8")

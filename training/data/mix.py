@@ -12,7 +12,7 @@ from rag_persona.settings import get_settings
 from rag_persona.utils.io import atomic_folder, jsonl_text, read_jsonl, write_json
 from training.provenance import file_sha256
 
-from .build import DATA_FORMAT_VERSION, MANIFEST, DataConfig, build_datasets
+from .build import DATA_FORMAT_VERSION, MANIFEST, MARKER, DataConfig, build_datasets
 
 PARTS = "personas"  # each persona's own build-data output, kept inside the mixed folder for provenance
 
@@ -44,7 +44,7 @@ def build_mixed(config: DataConfig, personas: list[str]) -> dict:
         raise RagPersonaError(
             "build-data: --index names one persona's index; leave it out with several personas"
         )
-    with atomic_folder(out, marker=MANIFEST, what="build-data output") as work:
+    with atomic_folder(out, marker=MARKER, what="build-data output") as work:
         parts = []
         for value in personas:
             persona = Persona.load(get_settings().persona_dir(value))
