@@ -8,6 +8,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rag_persona.errors import RagPersonaError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KNOWLEDGE_ROOT = REPO_ROOT / "knowledge"
 
@@ -62,5 +64,13 @@ class Settings(BaseSettings):
 
 
 def get_settings() -> Settings:
+    """The settings from RAG_PERSONA_* variables; a bad value is one line naming the variable."""
+    from pydantic import ValidationError
+
     # Not cached: tests and long-lived servers see environment changes.
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "RAG_PERSONA_" + "_".join(str(p) for p in first["loc"]).upper()
+        raise RagPersonaError(f"{name}={first.get('input')!r}: {first['msg']}") from None

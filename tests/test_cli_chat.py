@@ -59,3 +59,15 @@ def test_a_missing_or_foreign_adapter_folder_is_refused_before_the_model_opens(t
     assert res.exit_code == 2 and res.stderr.strip().endswith("nope: no such adapter folder"), res.output
     res = runner.invoke(app, ["ask", "こんにちは", "--adapter", str(tmp_path)])
     assert res.exit_code == 2 and "not a peft adapter folder (no adapter_config.json)" in res.stderr
+
+
+def test_a_bad_setting_a_missing_model_folder_and_a_zero_limit_are_one_line(tmp_path, monkeypatch):
+    res = runner.invoke(app, ["ask", "hi", "--engine", "transformers", "--model", str(tmp_path / "none")])
+    assert res.exit_code == 2 and res.stderr.strip().endswith("none: no such model folder"), res.output
+    res = runner.invoke(app, ["evaluate", "prompts.jsonl", "--limit", "0"])
+    assert res.exit_code == 2 and "--limit" in res.output
+    monkeypatch.setenv("RAG_PERSONA_MAX_FACT_CHARS", "abc")
+    res = runner.invoke(app, ["search", "名前"])
+    assert res.exit_code == 2 and res.stderr.startswith("error: RAG_PERSONA_MAX_FACT_CHARS='abc': "), (
+        res.output
+    )

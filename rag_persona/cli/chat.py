@@ -53,7 +53,7 @@ def ask(
     no_persona: Annotated[
         bool, typer.Option("--no-persona", help="The bare model: no persona prompt, no retrieval.")
     ] = False,
-    max_new_tokens: Annotated[int, typer.Option()] = 96,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
     as_json: JsonOpt = False,
 ) -> None:
     """One persona turn (retrieve → build → generate), streamed; --json gives reply, context and timings."""
@@ -233,8 +233,8 @@ def evaluate(
         str | None,
         typer.Option("--weights", help="xattn mode: cross-attention weights (default adapters/xattn)."),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option()] = 96,
-    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N prompts.")] = None,
     engine: EngineOpt = "auto",
     persona: PersonaOpt = None,
     as_json: JsonOpt = False,

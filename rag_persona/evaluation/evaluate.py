@@ -21,7 +21,7 @@ from rag_persona.generation import GenerationSettings
 from rag_persona.prompts import PERSONA_FILE, Persona
 from rag_persona.retrieval import open_store, retriever_for
 from rag_persona.settings import REPO_ROOT, get_settings
-from rag_persona.utils.io import read_json, read_jsonl
+from rag_persona.utils.io import means_local_path, read_json, read_jsonl
 
 MODES = ("prompt", "xattn")
 ADAPTERS_ROOT = REPO_ROOT / "adapters"
@@ -101,10 +101,9 @@ def check_adapter_folder(adapter: str) -> None:
     """A local adapter (a path, or a name whose first folder exists here) must be a peft adapter folder;
     checked before the model opens (a first open verifies and unpacks hundreds of MB). Anything else is
     left to the loader as a hub id."""
-    path = Path(adapter).expanduser()
-    local = path.is_absolute() or adapter.startswith((".", "~")) or Path(path.parts[0]).exists()
-    if not local:
+    if not means_local_path(adapter):
         return
+    path = Path(adapter).expanduser()
     if not path.is_dir():
         raise RagPersonaError(f"--adapter {adapter}: no such adapter folder")
     if not (path / "adapter_config.json").is_file():

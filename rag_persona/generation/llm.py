@@ -9,6 +9,7 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.generation.models import BUNDLED, prepare
 from rag_persona.settings import get_settings
 from rag_persona.utils.hardware import cpu_dtype, dtype_name
+from rag_persona.utils.io import means_local_path
 
 
 @dataclass
@@ -88,6 +89,8 @@ def load_causal_lm(
         raise RagPersonaError(f"model {source}: 4-bit loading needs CUDA (bitsandbytes); none is present")
     kwargs = from_pretrained_kwargs(load_in_4bit, device)
     is_local = Path(source).exists()
+    if not is_local and means_local_path(source):
+        raise RagPersonaError(f"model {source}: no such model folder")
     if not is_local and "/" not in source:
         raise RagPersonaError(
             f"model {source!r}: not a bundled alias ({', '.join(BUNDLED)}), local folder or hub id"

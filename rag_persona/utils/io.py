@@ -14,6 +14,13 @@ from pathlib import Path
 from rag_persona.errors import RagPersonaError
 
 
+def means_local_path(name: str) -> bool:
+    """Whether a model or adapter name is meant as a local path (absolute, ./ or ~, or under a folder that
+    exists here) rather than a hub id: a missing one is then an error, not a download attempt."""
+    path = Path(name).expanduser()
+    return path.is_absolute() or name.startswith((".", "~")) or Path(path.parts[0]).exists()
+
+
 def read_jsonl(path: str | Path, missing: str = "no such file") -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; one-line errors for everything else."""
     path = Path(path)

@@ -115,11 +115,11 @@ def evo_merge_cmd(
     method: Annotated[str, typer.Option(help="add_weighted_adapter combination type.")] = "dare_ties",
     budget: Annotated[int, typer.Option(help="Evaluations in all (the start point included).")] = 12,
     log: Annotated[Path | None, typer.Option("--log", help="JSONL log (default: <out>.evo.jsonl).")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N prompts.")] = None,
     base: BaseOpt = None,
     index: Annotated[str | None, typer.Option("--index", help="Index folder (default: persona's).")] = None,
     persona: Annotated[str | None, typer.Option("--persona")] = None,
-    max_new_tokens: Annotated[int, typer.Option()] = 96,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
     seed: Annotated[int, typer.Option()] = 0,
     sigma: Annotated[float, typer.Option(help="CMA-ES initial step size.")] = 0.2,
     population_size: Annotated[

@@ -26,7 +26,7 @@ def fact_recall_cmd(
         int | None, typer.Option("--n", help="A seeded sample of N facts (default: every fact).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Ask each fact's own questions with the persona prompt and NO retrieved context (greedy), and
