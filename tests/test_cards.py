@@ -232,7 +232,8 @@ def test_heuristics_on_their_own():
 def test_card_to_persona_writes_a_folder_every_loader_accepts(tmp_path):
     out = tmp_path / "kansai"
     folder = card_to_persona(load_card(CARDS / "kansai_kushikatsu.json"), out)
-    assert sorted(p.name for p in out.iterdir()) == ["dialogues.jsonl", "facts.jsonl", "persona.json"]
+    files = ["card_extras.json", "dialogues.jsonl", "facts.jsonl", "persona.json"]
+    assert sorted(p.name for p in out.iterdir()) == files
     persona = Persona.load(out)
     assert persona.to_dict() == folder.persona
     kb = load_knowledge(out)
@@ -324,7 +325,8 @@ def test_png_export_has_both_chunks(tmp_path):
     assert v2["spec"] == "chara_card_v2" and v2["spec_version"] == "2.0"
     assert v3["spec"] == "chara_card_v3" and v3["data"]["name"] == v2["data"]["name"] == "榊原蔵人"
     entries = v3["data"]["character_book"]["entries"]
-    assert [e["name"] for e in entries if e["constant"]] == ["身の上"]
+    assert [e["name"] for e in entries if e.get("constant")] == ["身の上"]
+    assert [e["name"] for e in entries if not e["enabled"]] == ["秘密"]  # a disabled entry, kept
     assert next(e for e in entries if e["name"] == "流派")["keys"] == ["剣術", "流派は何か"]
 
 
@@ -492,21 +494,38 @@ def test_a_long_entry_becomes_several_facts_and_selective_keys_only_filter(tmp_p
     assert any("1507 characters, over 1000: split into 2 facts" in w for w in folder.warnings)
 
 
-def test_fields_a_persona_cannot_keep_are_named_and_a_japanese_name_gets_a_hashed_id(tmp_path):
-    card = card_json("student_casual")
-    card["data"].update(
-        name="花子", alternate_greetings=["やあ"], tags=["学生"], post_history_instructions="短く"
-    )
-    card["data"]["extensions"] = {"depth_prompt": {"prompt": "x", "depth": 4}, "talkativeness": "0.5"}
+def test_what_a_persona_has_no_place_for_comes_back_in_the_export(tmp_path):
+    """Alternate greetings, post-history instructions, tags, other tools' extensions, lorebook settings,
+    an entry's own fields and disabled entries survive card → persona folder → card; a Japanese-only name
+    gets a hashed id."""
+    card = card_json("kansai_kushikatsu")
+    card["data"].update(name="花子", post_history_instructions="{{char}}は短く答える。")
+    card["data"]["extensions"]["depth_prompt"] = {"prompt": "x", "depth": 4}
+    entry = card["data"]["character_book"]["entries"][1]
+    entry.update(position="after_char", priority=3, extensions={"probability": 50})
     path = tmp_path / "花子.json"
     path.write_text(json.dumps(card, ensure_ascii=False), encoding="utf-8")
-    folder = convert_card(load_card(path))
+    folder = card_to_persona(load_card(path), tmp_path / "p")
     assert re.fullmatch(r"card-[0-9a-f]{8}", folder.persona["id"])
-    dropped = [w for w in folder.warnings if "not kept" in w]
-    assert len(dropped) == 1
-    for name in ("post_history_instructions", "alternate_greetings", "tags", "extensions.depth_prompt"):
-        assert f"data.{name}" in dropped[0]
     assert convert_card(load_card(CARDS / "samurai_ronin.json")).persona["id"] != folder.persona["id"]
+    notes = [w for w in folder.warnings if "kept in card_extras.json for the export" in w]
+    assert len(notes) == 1
+    for name in ("post_history_instructions", "alternate_greetings", "tags", "extensions.depth_prompt"):
+        assert name in notes[0]
+    back = json.loads(persona_to_card(tmp_path / "p", tmp_path / "back.json").path.read_text())["data"]
+    for key in ("post_history_instructions", "alternate_greetings", "tags", "creator", "creator_notes"):
+        assert back[key] == card["data"][key], key
+    assert back["extensions"]["depth_prompt"] == {"prompt": "x", "depth": 4}
+    assert back["extensions"]["talkativeness"] == card["data"]["extensions"]["talkativeness"]
+    book, original = back["character_book"], card["data"]["character_book"]
+    assert (book["scan_depth"], book["token_budget"]) == (original["scan_depth"], original["token_budget"])
+    by_name = {e["name"]: e for e in book["entries"]}
+    again = by_name[entry["name"]]
+    assert (again["position"], again["priority"], again["extensions"]["probability"]) == ("after_char", 3, 50)
+    selective = by_name["好きなもの"]
+    assert (selective["selective"], selective["secondary_keys"]) == (True, ["野球"])
+    assert [e["name"] for e in book["entries"] if not e["enabled"]] == ["裏メニュー"]
+    assert len({e["id"] for e in book["entries"]}) == len(book["entries"])
 
 
 def test_export_refuses_what_import_would_and_an_out_path_under_a_file_is_one_line(tmp_path):

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.knowledge.card_text import (
+    CARD_ONLY_FIELDS,
     DIALOGUES_FILE,
     EXPORT_DIALOGUES,
     EXTENSION_KEY,
+    EXTRAS_FILE,
     MAX_BOOK_ENTRIES,
     MAX_CARD_BYTES,
     PERSONA_FILE,
@@ -102,6 +104,19 @@ def build_mes_example(conversations: list[list[tuple[str, str]]], examples: Iter
     return "\n".join(blocks)
 
 
+# What _book_entry writes for the fields a fact does not carry: an imported entry's value is kept in
+# EXTRAS_FILE only where it differs (so a persona folder → card → folder round trip adds no extras).
+ENTRY_DEFAULTS = {
+    "secondary_keys": [],
+    "case_sensitive": False,
+    "use_regex": False,
+    "selective": False,
+    "priority": 10,
+    "position": "before_char",
+}
+EXPORT_NOTE = "Exported by rag-persona from the persona folder"
+
+
 def _book_entry(i: int, fact: Fact) -> dict:
     keywords = fact.extra.get("keywords")
     keywords = [k for k in keywords if isinstance(k, str)] if isinstance(keywords, list) else []
@@ -113,20 +128,47 @@ def _book_entry(i: int, fact: Fact) -> dict:
         "extensions": {EXTENSION_KEY: ours} if ours else {},
         "enabled": True,
         "insertion_order": i,
-        "case_sensitive": False,
-        "use_regex": False,
         "constant": fact.extra.get("constant") is True,
-        "selective": False,
         "name": fact.id,
         "comment": fact.id,
         "id": i,
-        "priority": 10,
-        "position": "before_char",
+        **ENTRY_DEFAULTS,
     }
 
 
-def build_card(persona: dict, facts: list[Fact], conversations: list[list[tuple[str, str]]]) -> dict:
-    """The chara_card_v3 object for a persona.json object, its facts and its dialogues' turns."""
+def _with_extras(entry: dict, extra: dict | None) -> dict:
+    """A lorebook entry with the fields its card had beyond what the fact carries (EXTRAS_FILE)."""
+    if not extra:
+        return entry
+    ours = entry["extensions"]
+    return {**entry, **extra, "extensions": {**extra.get("extensions", {}), **ours}}
+
+
+def _read_extras(path: Path) -> dict:
+    """EXTRAS_FILE of a persona folder imported from a card ({} when there is none)."""
+    if not path.exists():
+        return {}
+    extras = read_json(path)
+    for key in ("extensions", "character_book", "entries"):
+        if not isinstance(extras.get(key, {}), dict):
+            raise RagPersonaError(f"{path}: field '{key}': expected an object")
+    if not all(isinstance(v, dict) for v in extras.get("entries", {}).values()):
+        raise RagPersonaError(f"{path}: field 'entries': expected an object of entry objects")
+    disabled = extras.get("disabled_entries", [])
+    if not isinstance(disabled, list) or not all(isinstance(e, dict) for e in disabled):
+        raise RagPersonaError(f"{path}: field 'disabled_entries': expected a list of entry objects")
+    return extras
+
+
+def build_card(
+    persona: dict,
+    facts: list[Fact],
+    conversations: list[list[tuple[str, str]]],
+    extras: dict | None = None,
+) -> dict:
+    """The chara_card_v3 object for a persona.json object, its facts and its dialogues' turns, with what
+    the imported card had beyond them (`extras`, EXTRAS_FILE) laid back in."""
+    extras = extras or {}
     style = persona.get("style") or {}
     # What a card has no field for; the instruction has one (system_prompt), so it is not repeated here.
     ours = {
@@ -144,7 +186,7 @@ def build_card(persona: dict, facts: list[Fact], conversations: list[list[tuple[
         "scenario": "",
         "first_mes": persona.get("greeting") or "",
         "mes_example": build_mes_example(conversations, style.get("examples") or []),
-        "creator_notes": f"Exported by rag-persona from the persona folder '{persona['id']}'.",
+        "creator_notes": f"{EXPORT_NOTE} '{persona['id']}'.",
         "system_prompt": style.get("instruction") or "",
         "post_history_instructions": "",
         "alternate_greetings": [],
@@ -156,9 +198,19 @@ def build_card(persona: dict, facts: list[Fact], conversations: list[list[tuple[
         "character_book": {
             "name": persona["name"],
             "extensions": {},
-            "entries": [_book_entry(i, f) for i, f in enumerate(facts)],
+            "entries": [
+                _with_extras(_book_entry(i, f), extras.get("entries", {}).get(f.id))
+                for i, f in enumerate(facts)
+            ],
         },
     }
+    data.update({k: v for k, v in extras.items() if k in CARD_ONLY_FIELDS})
+    data["extensions"] = {**extras.get("extensions", {}), EXTENSION_KEY: ours}
+    book = data["character_book"]
+    book.update({k: v for k, v in extras.get("character_book", {}).items() if k != "entries"})
+    # Disabled entries go back as the card had them, after the facts' entries and numbered on.
+    for e in extras.get("disabled_entries", []):
+        book["entries"].append({**e, "id": len(book["entries"])})
     return {"spec": "chara_card_v3", "spec_version": "3.0", **{k: data[k] for k in V1_FIELDS}, "data": data}
 
 
@@ -208,7 +260,7 @@ def persona_to_card(persona_dir: str | Path, out_path: str | Path) -> CardExport
             f"{MAX_BOOK_ENTRIES} (MAX_BOOK_ENTRIES)"
         )
     conversations = _persona_dialogues(persona_dir / DIALOGUES_FILE)
-    card = build_card(persona, facts, conversations)
+    card = build_card(persona, facts, conversations, _read_extras(persona_dir / EXTRAS_FILE))
     if out.suffix.lower() == ".png":
         payload = _png(card)
     else:

@@ -13,6 +13,20 @@ from collections.abc import Callable, Iterable
 # rag_persona.prompts.PERSONA_FILE: prompts sits above knowledge in the import layers, so it is named again.
 PERSONA_FILE = "persona.json"
 DIALOGUES_FILE = "dialogues.jsonl"
+# What a card has and a persona folder has no place for, kept beside it so an export gives it back.
+EXTRAS_FILE = "card_extras.json"
+# The card fields no part of a persona folder takes: kept in EXTRAS_FILE, written back by the export.
+CARD_ONLY_FIELDS = (
+    "post_history_instructions",
+    "alternate_greetings",
+    "group_only_greetings",
+    "tags",
+    "creator",
+    "character_version",
+    "creator_notes",
+    "nickname",
+    "assets",
+)
 MAX_CARD_BYTES = 10 * 1024 * 1024  # a card file (JSON or PNG), read or written
 MAX_BOOK_ENTRIES = 5000  # lorebook entries, read or written
 EXPORT_DIALOGUES = 20

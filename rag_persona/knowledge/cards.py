@@ -43,16 +43,21 @@ A card with no description, personality or scenario gets the summary 「<name>�
 Refused, as one RagPersonaError line naming the file (and PNG chunk) and the field, before anything is
 written: a file over MAX_CARD_BYTES, neither PNG nor JSON, not a card object, an unknown spec, a PNG
 without a chara/ccv3 chunk or with broken base64/JSON in it, an empty name, a field of the wrong type, a
-lorebook over MAX_BOOK_ENTRIES entries. Fields no part of a persona folder takes (post_history_instructions,
-alternate_greetings, tags, creator, lorebook settings, other tools' extensions, …) are named in a warning.
+lorebook over MAX_BOOK_ENTRIES entries.
+
+card_extras.json (EXTRAS_FILE, only when there is something to keep): what no other part of a persona folder
+takes, as the card wrote it (CARD_ONLY_FIELDS such as alternate_greetings, post_history_instructions, tags;
+other tools' extensions; lorebook settings; each entry's fields beyond the fact's, such as position,
+priority, secondary_keys of a selective entry, by the id of its first fact; the disabled entries). Chat does
+not read it (a warning names what it holds); the export lays it back into the card.
 
 Persona folder → card (`persona_to_card`): a chara_card_v3 JSON (V1 fields mirrored at the top level,
 every V2 data field present) or a PNG placeholder image holding it base64-encoded in a ``ccv3`` tEXt chunk
 and the V2 form in ``chara``. name, description = summary, first_mes = greeting, system_prompt =
 style.instruction, mes_example = the first EXPORT_DIALOGUES conversations plus the examples they do not
 contain, one lorebook entry per fact (keys = keywords + questions, constant kept, name = comment = fact
-id; questions and tags also in the entry's extensions.rag_persona). Lost on the way: plain answers,
-dialogue fact ids, the adapter. A persona of more than MAX_BOOK_ENTRIES facts is refused (it would not
+id; questions and tags also in the entry's extensions.rag_persona), with card_extras.json laid back in.
+Lost on the way: plain answers, dialogue fact ids, the adapter. A persona of more than MAX_BOOK_ENTRIES facts is refused (it would not
 read back).
 """
 
@@ -69,11 +74,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.knowledge.card_export import CardExport, build_card, persona_to_card
+from rag_persona.knowledge.card_export import (
+    ENTRY_DEFAULTS,
+    EXPORT_NOTE,
+    CardExport,
+    build_card,
+    persona_to_card,
+)
 from rag_persona.knowledge.card_text import (
+    CARD_ONLY_FIELDS,
     DEFAULT_USER_NAME,
     DIALOGUES_FILE,
     EXTENSION_KEY,
+    EXTRAS_FILE,
     MAX_BOOK_ENTRIES,
     MAX_CARD_BYTES,
     MAX_ID_CHARS,
@@ -117,18 +130,9 @@ __all__ = [
 SPECS = ("chara_card_v2", "chara_card_v3")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TEXTS = (*V1_FIELDS, "system_prompt", "nickname")
-# Card fields a persona folder has no place for: named in a warning at import, not silently lost.
-_UNKEPT = (
-    "post_history_instructions",
-    "alternate_greetings",
-    "group_only_greetings",
-    "tags",
-    "creator",
-    "character_version",
-    "creator_notes",
-    "assets",
-)
 _BOOK_SETTINGS = ("scan_depth", "token_budget", "recursive_scanning", "extensions")
+# Entry fields a fact carries (the export writes them again); the others are kept in EXTRAS_FILE.
+_ENTRY_MAPPED = ("keys", "content", "enabled", "constant", "name", "comment", "id", "extensions")
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,7 @@ class BookEntry:
     comment: str = ""
     id: str = ""
     extensions: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # the entry as the card has it
 
     @property
     def label(self) -> str:
@@ -173,21 +178,54 @@ class Card:
     nickname: str = ""
     entries: list[BookEntry] = field(default_factory=list)
     extensions: dict = field(default_factory=dict)
-    unkept: list[str] = field(default_factory=list)  # non-empty fields the persona folder will not keep
+    raw: dict = field(default_factory=dict, repr=False)  # the card's data object (V1: the card itself)
 
 
 def _set(value) -> bool:
     return value not in (None, "", [], {}, False)
 
 
-def _unkept(data: dict, ext: dict) -> list[str]:
-    """The card's non-empty fields that no part of a persona folder takes (see _UNKEPT)."""
-    ours = EXTENSION_KEY in ext  # a rag-persona export: its creator_notes only say so
-    out = [k for k in _UNKEPT if _set(data.get(k)) and not (ours and k == "creator_notes")]
-    out += [f"extensions.{k}" for k, v in ext.items() if k != EXTENSION_KEY and _set(v)]
-    book = data.get("character_book")
-    if isinstance(book, dict):
-        out += [f"character_book.{k}" for k in _BOOK_SETTINGS if _set(book.get(k))]
+def _others(extensions) -> dict:
+    """An extensions object without rag-persona's own key (other tools' data, kept as it is)."""
+    return {k: v for k, v in extensions.items() if k != EXTENSION_KEY} if isinstance(extensions, dict) else {}
+
+
+def _card_extras(card: Card, first_fact: dict[int, str]) -> dict:
+    """What the card has and a persona folder has no place for (EXTRAS_FILE): fields such as alternate
+    greetings and tags, other tools' extensions, lorebook settings, each entry's own fields (by the id of
+    its first fact) and the disabled entries. Texts stay as written, macros unresolved."""
+    data = card.raw
+    ours = str(data.get("creator_notes", "")).startswith(EXPORT_NOTE)  # it only says who exported it
+    out: dict = {
+        k: data[k] for k in CARD_ONLY_FIELDS if _set(data.get(k)) and not (ours and k == "creator_notes")
+    }
+    if _others(card.extensions):
+        out["extensions"] = _others(card.extensions)
+    book = data.get("character_book") if isinstance(data.get("character_book"), dict) else {}
+    settings = {k: book[k] for k in _BOOK_SETTINGS if _set(book.get(k))}
+    if settings:
+        out["character_book"] = settings
+    entries = {}
+    for entry in card.entries:
+        if entry.index not in first_fact:
+            continue
+        kept = {
+            k: v for k, v in entry.raw.items() if k not in _ENTRY_MAPPED and ENTRY_DEFAULTS.get(k, ...) != v
+        }
+        if kept.get("insertion_order") == entry.index:  # what the export writes for it anyway
+            kept.pop("insertion_order")
+        if not entry.selective:  # their keys joined the fact's keywords, which the export writes as keys
+            kept.pop("secondary_keys", None)
+        if _others(entry.extensions):
+            kept["extensions"] = _others(entry.extensions)
+        if kept:
+            entries[first_fact[entry.index]] = dict(sorted(kept.items()))  # stable across round trips
+    if entries:
+        out["entries"] = entries
+    # Without their id: the export numbers them after the facts' entries (so a round trip is stable).
+    disabled = [{k: v for k, v in e.raw.items() if k != "id"} for e in card.entries if not e.enabled]
+    if disabled:
+        out["disabled_entries"] = disabled
     return out
 
 
@@ -202,16 +240,19 @@ class PersonaFolder:
     disabled: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
     split: list[str] = field(default_factory=list)  # "<entry label>: N characters into K facts"
-    dropped: list[str] = field(default_factory=list)  # the card's non-empty fields a persona has no place for
+    extras: dict = field(default_factory=dict)  # EXTRAS_FILE: what chat does not use, kept for the export
 
     @property
     def warnings(self) -> list[str]:
         out = [f"{self.source}: lorebook {label}: empty content, skipped" for label in self.empty]
         out += [f"{self.source}: lorebook {what}" for what in self.split]
-        if self.dropped:
+        # (nickname is used: it resolved the {{char}} macros)
+        kept = [k for k in self.extras if k not in ("entries", "extensions", "character_book", "nickname")]
+        kept += [f"extensions.{k}" for k in self.extras.get("extensions", {})]
+        kept += [f"character_book.{k}" for k in self.extras.get("character_book", {})]
+        if kept:
             out.append(
-                f"{self.source}: not kept (a persona folder has no place for them; an export writes them "
-                f"empty): {', '.join(self.dropped)}"
+                f"{self.source}: not used in chat, kept in {EXTRAS_FILE} for the export: {', '.join(kept)}"
             )
         if not self.facts:
             out.append(
@@ -293,6 +334,7 @@ def _entry(raw, index: int, where: str, prefix: str) -> BookEntry:
         comment=_text(raw, "comment", where, fld).strip() if isinstance(raw.get("comment"), str) else "",
         id="" if ident is None or isinstance(ident, bool) else str(ident),
         extensions=ext if isinstance(ext, dict) else {},
+        raw=raw,
     )
 
 
@@ -351,7 +393,7 @@ def parse_card(obj, path: Path, where: str | None = None) -> Card:
         field_prefix=prefix,
         entries=entries,
         extensions=ext or {},
-        unkept=_unkept(data, ext or {}),
+        raw=data,
         **texts,
     )
 
@@ -487,8 +529,9 @@ def _pieces(text: str, limit: int) -> list[str]:
     return [p.strip() for p in splitter.split_text(text) if p.strip()]
 
 
-def _facts(card: Card, fix: Callable[[str], str]) -> tuple[list[Fact], list[str], list[str], list[str]]:
-    facts, disabled, empty, split, used = [], [], [], [], set()
+def _facts(card: Card, fix: Callable[[str], str]):
+    """(facts, disabled labels, empty labels, split notes, entry index → its first fact's id)."""
+    facts, disabled, empty, split, used, first = [], [], [], [], set(), {}
     limit = get_settings().max_fact_chars
     for entry in card.entries:
         if not entry.enabled:
@@ -519,6 +562,7 @@ def _facts(card: Card, fix: Callable[[str], str]) -> tuple[list[Fact], list[str]
         for n, piece in enumerate(pieces, 1):
             part = base[: MAX_ID_CHARS - 8].rstrip("-_.") + f"-part{n}"
             fact_id = unique_id(base if n == 1 else part, used)
+            first.setdefault(entry.index, fact_id)
             row = {
                 "id": fact_id,
                 "text": piece,
@@ -527,7 +571,7 @@ def _facts(card: Card, fix: Callable[[str], str]) -> tuple[list[Fact], list[str]
                 **extra,
             }
             facts.append(parse_fact(Path(card.source), entry.index, row, limit))
-    return facts, disabled, empty, split
+    return facts, disabled, empty, split, first
 
 
 # How much of the derived style the prompt shows: a few endings and example lines (the metrics use all markers).
@@ -596,10 +640,10 @@ def convert_card(
         "reply_length": ours.get("reply_length", ""),
     }
     persona = {k: v for k, v in persona.items() if v or k == "style"}
-    facts, disabled, empty, split = _facts(card, fix)
+    facts, disabled, empty, split, first = _facts(card, fix)
     dialogues = [{"id": f"ex{n:04d}", "kind": "example", "turns": t} for n, t in enumerate(conversations, 1)]
-    dropped = [card.field_prefix + k for k in card.unkept]
-    return PersonaFolder(persona, facts, dialogues, card.source, disabled, empty, split, dropped)
+    extras = _card_extras(card, first)
+    return PersonaFolder(persona, facts, dialogues, card.source, disabled, empty, split, extras)
 
 
 def write_persona_folder(folder: PersonaFolder, out_dir: str | Path) -> Path:
@@ -609,6 +653,8 @@ def write_persona_folder(folder: PersonaFolder, out_dir: str | Path) -> Path:
         write_json(work / PERSONA_FILE, folder.persona)
         write_facts(work / FACTS_FILE, folder.facts)
         write_jsonl(work / DIALOGUES_FILE, folder.dialogues)
+        if folder.extras:
+            write_json(work / EXTRAS_FILE, folder.extras)
     return Path(out_dir)
 
 
