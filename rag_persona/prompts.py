@@ -157,6 +157,8 @@ class Persona:
     @classmethod
     def load(cls, path: str | Path) -> Persona:
         path = Path(path)
+        if not path.exists() and path.suffix != ".json":
+            raise RagPersonaError(f"{path}: no such persona folder")
         file = path / PERSONA_FILE if path.is_dir() else path
         return cls.from_dict(read_json(file, missing="persona file not found"), str(file), folder=file.parent)
 

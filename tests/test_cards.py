@@ -602,7 +602,7 @@ def test_cli_import_export(tmp_path):
     missing = runner.invoke(app, ["persona", "export", str(tmp_path / "nothing"), "--out", str(png)])
     assert (
         missing.exit_code == 2
-        and missing.stderr == f"error: {tmp_path / 'nothing'}: persona file not found\n"
+        and missing.stderr == f"error: {tmp_path / 'nothing'}: no such persona folder\n"
     )
 
 

@@ -35,7 +35,7 @@ def test_load_persona_by_name_or_path():
     by_name = rp.load_persona("ojousama")
     assert by_name == rp.load_persona() == rp.load_persona(KNOWLEDGE_ROOT / "ojousama")
     assert by_name.name == "小野寺絢音"
-    with pytest.raises(rp.RagPersonaError, match="persona file not found"):
+    with pytest.raises(rp.RagPersonaError, match="no-such-persona: no such persona folder"):
         rp.load_persona(KNOWLEDGE_ROOT / "no-such-persona")
 
 
