@@ -465,7 +465,9 @@ def test_png_chunks_are_read_as_sillytavern_reads_them(tmp_path):
     card = card_json("student_casual")
     raw = json.dumps(card, ensure_ascii=False).encode("utf-8")
     wrapped = base64.encodebytes(raw).decode("ascii")  # a line break every 76 characters
-    unpadded = base64.b64encode(raw + b" " * (3 - len(raw) % 3 or 1)).decode("ascii").rstrip("=")
+    padded = base64.b64encode(raw + b" " * ((1 - len(raw)) % 3)).decode("ascii")  # one byte past a triple
+    assert padded.endswith("==")
+    unpadded = padded.rstrip("=")
     pngs = [
         write_png(tmp_path / "upper.png", Chara=wrapped),
         write_png(tmp_path / "unpadded.png", chara=unpadded),
@@ -480,7 +482,7 @@ def test_a_long_entry_becomes_several_facts_and_selective_keys_only_filter(tmp_p
     entry = card["data"]["character_book"]["entries"][3]
     paragraphs = ["一文目の長い説明でござる。" * 60, "二段落目の説明でござる。" * 60, "結び。"]
     entry.update(content="\n\n".join(paragraphs), name="長い項目", keys=["剣"], secondary_keys=["流派"])
-    entry["selective"] = True
+    entry.update(selective=True, position="after_char")
     path = tmp_path / "long.json"
     path.write_text(json.dumps(card, ensure_ascii=False), encoding="utf-8")
     folder = card_to_persona(load_card(path), tmp_path / "out")
@@ -492,6 +494,10 @@ def test_a_long_entry_becomes_several_facts_and_selective_keys_only_filter(tmp_p
         f.extra["keywords"] == ["剣"] for f in parts
     )  # 流派 narrows 剣's matches; alone it finds nothing
     assert any("1507 characters, over 1000: split into 2 facts" in w for w in folder.warnings)
+    back = json.loads(persona_to_card(tmp_path / "out", tmp_path / "back.json").path.read_text())
+    parts_back = [e for e in back["data"]["character_book"]["entries"] if e["name"].startswith("長い項目")]
+    for e in parts_back:  # every part keeps the entry's own fields, so none fires on 剣 alone
+        assert (e["selective"], e["secondary_keys"], e["position"]) == (True, ["流派"], "after_char")
 
 
 def test_what_a_persona_has_no_place_for_comes_back_in_the_export(tmp_path):
@@ -503,6 +509,7 @@ def test_what_a_persona_has_no_place_for_comes_back_in_the_export(tmp_path):
     card["data"]["extensions"]["depth_prompt"] = {"prompt": "x", "depth": 4}
     entry = card["data"]["character_book"]["entries"][1]
     entry.update(position="after_char", priority=3, extensions={"probability": 50})
+    card["data"]["character_book"]["entries"][2]["content"] = " "  # enabled but empty: no fact, kept
     path = tmp_path / "花子.json"
     path.write_text(json.dumps(card, ensure_ascii=False), encoding="utf-8")
     folder = card_to_persona(load_card(path), tmp_path / "p")
@@ -525,6 +532,7 @@ def test_what_a_persona_has_no_place_for_comes_back_in_the_export(tmp_path):
     selective = by_name["好きなもの"]
     assert (selective["selective"], selective["secondary_keys"]) == (True, ["野球"])
     assert [e["name"] for e in book["entries"] if not e["enabled"]] == ["裏メニュー"]
+    assert by_name["看板メニュー"]["content"] == " " and "看板メニュー" not in {f.id for f in folder.facts}
     assert len({e["id"] for e in book["entries"]}) == len(book["entries"])
 
 
@@ -532,10 +540,12 @@ def test_export_refuses_what_import_would_and_an_out_path_under_a_file_is_one_li
     out = tmp_path / "p"
     card_to_persona(load_card(CARDS / "student_casual.json"), out)
     fact = json.loads((out / "facts.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    rows = [json.dumps(dict(fact, id=f"f{i}"), ensure_ascii=False) for i in range(MAX_BOOK_ENTRIES + 1)]
+    # As many facts as a lorebook holds, plus the card's disabled entry kept in card_extras.json: one over.
+    rows = [json.dumps(dict(fact, id=f"f{i}"), ensure_ascii=False) for i in range(MAX_BOOK_ENTRIES)]
     (out / "facts.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     with pytest.raises(
-        RagPersonaError, match=rf"{MAX_BOOK_ENTRIES + 1} facts, a card's lorebook holds at most"
+        RagPersonaError,
+        match=rf"{MAX_BOOK_ENTRIES} facts \(\+ 1 skipped entries kept in card_extras.json\), a card's lorebook",
     ):
         persona_to_card(out, tmp_path / "big.json")
     assert not (tmp_path / "big.json").exists()

@@ -106,7 +106,7 @@ def test_a_corrupt_index_is_one_error_line_and_index_rebuilds_it(tmp_path):
     assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1 and "rebuild the index" in res.stderr
     res = CliRunner().invoke(app, ["index", "--kb", str(kb), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "earlier index unreadable, rebuilt without its tuned threshold" in res.stderr
+    assert "earlier index unreadable, its tuned threshold not kept" in res.stderr
     assert len(load_index(out)) == 6
 
 

@@ -263,9 +263,10 @@ def _validate_counts(recipe: Recipe, where: str) -> None:
         _fail(where, "max_steps", "a number of steps, or -1 for num_train_epochs")
     if recipe.logging_steps < 1:
         _fail(where, "logging_steps", "at least 1")
-    for name in ("max_train_examples", "max_eval_examples", "cpu_threads"):
-        if getattr(recipe, name) is not None and getattr(recipe, name) < 1:
-            _fail(where, name, "at least 1, or null for no limit" if "examples" in name else "at least 1")
+    lowest = {"max_train_examples": 1, "max_eval_examples": 0, "cpu_threads": 0}  # 0 threads: every core
+    for name, low in lowest.items():
+        if getattr(recipe, name) is not None and getattr(recipe, name) < low:
+            _fail(where, name, f"at least {low}, or null" + (" for no limit" if "examples" in name else ""))
     if not 0 <= recipe.seed <= MAX_SEED:
         _fail(where, "seed", f"in [0, {MAX_SEED}]")
 

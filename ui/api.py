@@ -54,7 +54,8 @@ from .engine import CONTEXT_MODES, RETRIEVAL_MODES, Engine, EngineBusy, Personas
 # Long chats are sent whole by clients that trim by tokens (SillyTavern); only the last exchanges are read.
 MAX_MESSAGES = 4096
 MAX_NEW_TOKENS = 512
-# The kept exchanges at MAX_USER_CHARS (3 bytes a character) and a long system prompt fit with room to spare.
+# The whole body: the kept exchanges at MAX_USER_CHARS (3 bytes a character) and a long system prompt fit
+# with room to spare; a very long chat of long messages meets this limit (413) before MAX_MESSAGES.
 MAX_BODY_BYTES = 1 << 20
 MAX_SEED = 2**32 - 1  # llama.cpp seeds are 32-bit; -1 means "random", as SillyTavern sends it
 log = logging.getLogger("rag_persona.api")

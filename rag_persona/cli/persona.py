@@ -29,7 +29,7 @@ def persona_import(
         str, typer.Option("--user-name", help="What {{user}} / <USER> becomes in the card's texts.")
     ] = DEFAULT_USER_NAME,
 ) -> None:
-    """Write a persona folder (persona.json, facts.jsonl, dialogues.jsonl) from a character card."""
+    """Write a persona folder (persona.json, facts.jsonl, dialogues.jsonl, card_extras.json) from a card."""
     from rag_persona.knowledge.cards import card_to_persona, load_card
     from rag_persona.prompts import Persona
 

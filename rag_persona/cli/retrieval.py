@@ -59,7 +59,7 @@ def index_cmd(
         try:  # only for its tuned threshold: a broken earlier index is what `index` is run to replace
             old = load_index(out, check=False)
         except RagPersonaError as exc:
-            _progress(f"earlier index unreadable, rebuilt without its tuned threshold: {exc}")
+            _progress(f"earlier index unreadable, its tuned threshold not kept: {exc}")
     store = build_index(kb, out, embedder, progress=not as_json, keep_threshold_from=old)
     info = {
         "index": str(store.path),

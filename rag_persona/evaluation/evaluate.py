@@ -103,7 +103,10 @@ def check_adapter_folder(adapter: str) -> None:
     left to the loader as a hub id."""
     if not means_local_path(adapter):
         return
-    path = Path(adapter).expanduser()
+    try:
+        path = Path(adapter).expanduser()
+    except RuntimeError:  # ~nosuchuser/...
+        path = Path(adapter)
     if not path.is_dir():
         raise RagPersonaError(f"--adapter {adapter}: no such adapter folder")
     if not (path / "adapter_config.json").is_file():

@@ -154,9 +154,9 @@ def _read_extras(path: Path) -> dict:
             raise RagPersonaError(f"{path}: field '{key}': expected an object")
     if not all(isinstance(v, dict) for v in extras.get("entries", {}).values()):
         raise RagPersonaError(f"{path}: field 'entries': expected an object of entry objects")
-    disabled = extras.get("disabled_entries", [])
-    if not isinstance(disabled, list) or not all(isinstance(e, dict) for e in disabled):
-        raise RagPersonaError(f"{path}: field 'disabled_entries': expected a list of entry objects")
+    skipped = extras.get("skipped_entries", [])
+    if not isinstance(skipped, list) or not all(isinstance(e, dict) for e in skipped):
+        raise RagPersonaError(f"{path}: field 'skipped_entries': expected a list of entry objects")
     return extras
 
 
@@ -208,8 +208,8 @@ def build_card(
     data["extensions"] = {**extras.get("extensions", {}), EXTENSION_KEY: ours}
     book = data["character_book"]
     book.update({k: v for k, v in extras.get("character_book", {}).items() if k != "entries"})
-    # Disabled entries go back as the card had them, after the facts' entries and numbered on.
-    for e in extras.get("disabled_entries", []):
+    # Disabled and empty entries go back as the card had them, after the facts' entries and numbered on.
+    for e in extras.get("skipped_entries", []):
         book["entries"].append({**e, "id": len(book["entries"])})
     return {"spec": "chara_card_v3", "spec_version": "3.0", **{k: data[k] for k in V1_FIELDS}, "data": data}
 
@@ -254,13 +254,15 @@ def persona_to_card(persona_dir: str | Path, out_path: str | Path) -> CardExport
     if not isinstance(persona.get("style") or {}, dict):
         raise RagPersonaError(f"{persona_dir / PERSONA_FILE}: field 'style': expected an object")
     facts = _persona_facts(persona_dir / FACTS_FILE)
-    if len(facts) > MAX_BOOK_ENTRIES:  # the import's limit: a card we write must read back
+    extras = _read_extras(persona_dir / EXTRAS_FILE)
+    entries = len(facts) + len(extras.get("skipped_entries", []))
+    if entries > MAX_BOOK_ENTRIES:  # the import's limit: a card we write must read back
         raise RagPersonaError(
-            f"{persona_dir / FACTS_FILE}: {len(facts)} facts, a card's lorebook holds at most "
-            f"{MAX_BOOK_ENTRIES} (MAX_BOOK_ENTRIES)"
+            f"{persona_dir / FACTS_FILE}: {len(facts)} facts (+ {entries - len(facts)} skipped entries kept "
+            f"in {EXTRAS_FILE}), a card's lorebook holds at most {MAX_BOOK_ENTRIES} (MAX_BOOK_ENTRIES)"
         )
     conversations = _persona_dialogues(persona_dir / DIALOGUES_FILE)
-    card = build_card(persona, facts, conversations, _read_extras(persona_dir / EXTRAS_FILE))
+    card = build_card(persona, facts, conversations, extras)
     if out.suffix.lower() == ".png":
         payload = _png(card)
     else:

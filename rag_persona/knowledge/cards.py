@@ -48,7 +48,7 @@ lorebook over MAX_BOOK_ENTRIES entries.
 card_extras.json (EXTRAS_FILE, only when there is something to keep): what no other part of a persona folder
 takes, as the card wrote it (CARD_ONLY_FIELDS such as alternate_greetings, post_history_instructions, tags;
 other tools' extensions; lorebook settings; each entry's fields beyond the fact's, such as position,
-priority, secondary_keys of a selective entry, by the id of its first fact; the disabled entries). Chat does
+priority, secondary_keys of a selective entry, under each fact's id; the disabled and empty entries). Chat does
 not read it (a warning names what it holds); the export lays it back into the card.
 
 Persona folder → card (`persona_to_card`): a chara_card_v3 JSON (V1 fields mirrored at the top level,
@@ -190,10 +190,11 @@ def _others(extensions) -> dict:
     return {k: v for k, v in extensions.items() if k != EXTENSION_KEY} if isinstance(extensions, dict) else {}
 
 
-def _card_extras(card: Card, first_fact: dict[int, str]) -> dict:
+def _card_extras(card: Card, entry_facts: dict[int, list[str]]) -> dict:
     """What the card has and a persona folder has no place for (EXTRAS_FILE): fields such as alternate
-    greetings and tags, other tools' extensions, lorebook settings, each entry's own fields (by the id of
-    its first fact) and the disabled entries. Texts stay as written, macros unresolved."""
+    greetings and tags, other tools' extensions, lorebook settings, each entry's own fields (under the id
+    of every fact it became) and the entries that became no fact (disabled or empty). Texts stay as
+    written, macros unresolved."""
     data = card.raw
     ours = str(data.get("creator_notes", "")).startswith(EXPORT_NOTE)  # it only says who exported it
     out: dict = {
@@ -207,7 +208,7 @@ def _card_extras(card: Card, first_fact: dict[int, str]) -> dict:
         out["character_book"] = settings
     entries = {}
     for entry in card.entries:
-        if entry.index not in first_fact:
+        if entry.index not in entry_facts:
             continue
         kept = {
             k: v for k, v in entry.raw.items() if k not in _ENTRY_MAPPED and ENTRY_DEFAULTS.get(k, ...) != v
@@ -219,13 +220,16 @@ def _card_extras(card: Card, first_fact: dict[int, str]) -> dict:
         if _others(entry.extensions):
             kept["extensions"] = _others(entry.extensions)
         if kept:
-            entries[first_fact[entry.index]] = dict(sorted(kept.items()))  # stable across round trips
+            for fact_id in entry_facts[entry.index]:  # every part of a split entry keeps them
+                entries[fact_id] = dict(sorted(kept.items()))  # sorted: stable across round trips
     if entries:
         out["entries"] = entries
     # Without their id: the export numbers them after the facts' entries (so a round trip is stable).
-    disabled = [{k: v for k, v in e.raw.items() if k != "id"} for e in card.entries if not e.enabled]
-    if disabled:
-        out["disabled_entries"] = disabled
+    skipped = [
+        {k: v for k, v in e.raw.items() if k != "id"} for e in card.entries if e.index not in entry_facts
+    ]
+    if skipped:
+        out["skipped_entries"] = skipped
     return out
 
 
@@ -530,7 +534,7 @@ def _pieces(text: str, limit: int) -> list[str]:
 
 
 def _facts(card: Card, fix: Callable[[str], str]):
-    """(facts, disabled labels, empty labels, split notes, entry index → its first fact's id)."""
+    """(facts, disabled labels, empty labels, split notes, entry index → the ids of its facts)."""
     facts, disabled, empty, split, used, first = [], [], [], [], set(), {}
     limit = get_settings().max_fact_chars
     for entry in card.entries:
@@ -562,7 +566,7 @@ def _facts(card: Card, fix: Callable[[str], str]):
         for n, piece in enumerate(pieces, 1):
             part = base[: MAX_ID_CHARS - 8].rstrip("-_.") + f"-part{n}"
             fact_id = unique_id(base if n == 1 else part, used)
-            first.setdefault(entry.index, fact_id)
+            first.setdefault(entry.index, []).append(fact_id)
             row = {
                 "id": fact_id,
                 "text": piece,
@@ -647,7 +651,7 @@ def convert_card(
 
 
 def write_persona_folder(folder: PersonaFolder, out_dir: str | Path) -> Path:
-    """Write persona.json, facts.jsonl and dialogues.jsonl whole or not at all; a non-empty folder that
+    """Write persona.json, facts.jsonl, dialogues.jsonl (and card_extras.json) whole or not at all; a non-empty folder that
     is not a persona folder (no persona.json) is refused, an earlier persona folder is replaced whole."""
     with atomic_folder(out_dir, marker=PERSONA_FILE, what="a persona folder") as work:
         write_json(work / PERSONA_FILE, folder.persona)

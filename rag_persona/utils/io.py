@@ -17,8 +17,10 @@ from rag_persona.errors import RagPersonaError
 def means_local_path(name: str) -> bool:
     """Whether a model or adapter name is meant as a local path (absolute, ./ or ~, or under a folder that
     exists here) rather than a hub id: a missing one is then an error, not a download attempt."""
-    path = Path(name).expanduser()
-    return path.is_absolute() or name.startswith((".", "~")) or Path(path.parts[0]).exists()
+    if name.startswith((".", "~")):
+        return True
+    path = Path(name)
+    return path.is_absolute() or Path(path.parts[0]).exists()
 
 
 def read_jsonl(path: str | Path, missing: str = "no such file") -> Iterator[tuple[int, dict]]:
