@@ -24,7 +24,7 @@ from rag_persona.errors import RagPersonaError
 from rag_persona.generation import LoadedModel
 from rag_persona.prompts import MAX_USER_CHARS
 from rag_persona.settings import KNOWLEDGE_ROOT
-from ui.api import MAX_MESSAGES
+from ui.api_requests import MAX_MESSAGES
 
 TOPICS = [
     "あなたの名前はなんですか?",
