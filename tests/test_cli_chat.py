@@ -71,3 +71,14 @@ def test_a_bad_setting_a_missing_model_folder_and_a_zero_limit_are_one_line(tmp_
     assert res.exit_code == 2 and res.stderr.startswith("error: RAG_PERSONA_MAX_FACT_CHARS='abc': "), (
         res.output
     )
+
+
+def test_what_counts_as_a_local_path_for_a_model_or_adapter_name(tmp_path, monkeypatch):
+    from rag_persona.utils.io import means_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert means_local_path("./x") and means_local_path("~/x") and means_local_path(str(tmp_path / "nope"))
+    assert means_local_path("runs/sft-0.5b")  # under a folder that exists here
+    assert not means_local_path("Qwen/Qwen2.5-0.5B-Instruct")  # a hub id
+    assert not means_local_path("")  # no parts at all: was an IndexError

@@ -20,7 +20,8 @@ def means_local_path(name: str) -> bool:
     if name.startswith((".", "~")):
         return True
     path = Path(name)
-    return path.is_absolute() or Path(path.parts[0]).exists()
+    # An empty name has no parts: it is no path (the caller names it as a bad model or adapter).
+    return path.is_absolute() or bool(path.parts and Path(path.parts[0]).exists())
 
 
 def read_jsonl(path: str | Path, missing: str = "no such file") -> Iterator[tuple[int, dict]]:
