@@ -100,6 +100,14 @@ def test_broken_yaml_names_the_line(tmp_path):
         load_recipe(_bad(tmp_path, "name: x\nstage: sft\n  seed: 3\n"))
 
 
+def test_a_key_given_twice_names_its_second_line(tmp_path):
+    # PyYAML keeps the last value silently; a recipe edited by appending a key must not train on a guess.
+    with pytest.raises(RagPersonaError, match=r"bad.yaml:4: invalid YAML \(key 'learning_rate' given twice\)"):
+        load_recipe(_bad(tmp_path, "name: x\nstage: sft\nlearning_rate: 1.0e-5\nlearning_rate: 2.0e-5\n"))
+    with pytest.raises(RagPersonaError, match=r"key 'r' given twice"):
+        load_recipe(_bad(tmp_path, "name: x\nstage: sft\nlora:\n  r: 8\n  r: 16\n"))
+
+
 def test_overrides_replace_fields_and_merge_into_blocks():
     recipe = load_recipe(
         "rl-0.5b-cpu", seed=7, max_steps=2, cpu_threads=None, rl={"reward_adapter": "runs/other-rm"}
