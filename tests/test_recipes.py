@@ -102,7 +102,9 @@ def test_broken_yaml_names_the_line(tmp_path):
 
 def test_a_key_given_twice_names_its_second_line(tmp_path):
     # PyYAML keeps the last value silently; a recipe edited by appending a key must not train on a guess.
-    with pytest.raises(RagPersonaError, match=r"bad.yaml:4: invalid YAML \(key 'learning_rate' given twice\)"):
+    with pytest.raises(
+        RagPersonaError, match=r"bad.yaml:4: invalid YAML \(key 'learning_rate' given twice\)"
+    ):
         load_recipe(_bad(tmp_path, "name: x\nstage: sft\nlearning_rate: 1.0e-5\nlearning_rate: 2.0e-5\n"))
     with pytest.raises(RagPersonaError, match=r"key 'r' given twice"):
         load_recipe(_bad(tmp_path, "name: x\nstage: sft\nlora:\n  r: 8\n  r: 16\n"))
