@@ -369,3 +369,19 @@ def test_top_layers_puts_lora_on_the_last_layers_only(setup):
     assert layers == {"1"}  # the tiny model has layers 0 and 1
     kinds = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in lora}
     assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_folder_it_did_not_write_is_refused_before_the_model_loads(setup, tmp_path, monkeypatch, stage):
+    import rag_persona.generation as generation
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(generation, "load_causal_lm", never)
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("mine")
+    with pytest.raises(RagPersonaError, match=r"notes: folder is not empty and holds no recipe\.yaml"):
+        train(_recipe(setup, stage), out, progress=lambda m: None, cuda=False)
+    assert (out / "todo.txt").read_text() == "mine"

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.utils.io import atomic_folder
+from rag_persona.utils.io import atomic_folder, check_replaceable
 from rag_persona.utils.tokens import eos_token_ids, generation_eos_ids
 from training.data.labels import (
     Tokenized,
@@ -182,6 +182,8 @@ class Run:
 def start_run(recipe: Recipe, out: Path, options: RunOptions) -> Run:
     """Pick and report the mode, seed everything, set CPU threads."""
     started, progress = time.time(), options.progress
+    # Checked again when the folder is swapped in; here so a foreign folder is named before the model loads.
+    check_replaceable(out.absolute(), RUN_MARKER, f"a {recipe.stage} run")
     mode = pick_mode(recipe, options.cuda)
     progress(f"{recipe.stage.upper()} {recipe.name}: {mode.describe()}")
     load = seed_and_threads(recipe, progress, threads=mode.device == "cpu")
