@@ -389,7 +389,30 @@ def test_bad_input_is_one_clear_error(s, tmp_path):
             lambda: ship_adapter(s.a1, tmp_path / "shipped"),
             r"metrics\.json: no such file: not a training run",
         ),
+        # checked before any weights load
+        (lambda: merge([s.a1, s.a1], out, base=str(s.base)), "a1 is given twice"),
+        (lambda: merge([s.a1, s.a2], out, weights=[0, 0], base=str(s.base)), "all 0"),
+        (lambda: merge([s.a1, s.a2], out, density=0.5, base=str(s.base)), "linear does not use a density"),
+        (lambda: merge([s.a1, s.a2], out, method="svd", svd_rank=0, base=str(s.base)), "--svd-rank: 0"),
+        (lambda: merge([s.ft1, s.ft2], out, base=str(s.base), shard_bytes=0), "--shard-mb"),
+        (lambda: merge([s.a1, s.a2], s.a2, base=str(s.base)), "holds no merge_manifest.json"),
+        (lambda: merge([s.a1, s.a2], a_file, base=str(s.base)), "exists and is not a folder"),
+        (lambda: task_vectors([s.a1, s.a1]), "a1 is given twice"),
+        (
+            lambda: task_vectors([s.a1], csv_path=s.a1 / "adapter_model.safetensors"),
+            "is input .*a1; refusing",
+        ),
+        (lambda: task_vectors([s.a1], csv_path=a_file, plot_path=a_file), "both name"),
+        (lambda: task_vectors([s.a1], plot_path=s.root), "is a folder"),
+        (lambda: EvoConfig(seed=-1).validate(2), "--seed: -1"),
+        (lambda: EvoConfig(sigma=float("nan")).validate(2), "--sigma: nan"),
+        (lambda: EvoConfig(init_weights=[float("nan"), 0.5]).validate(2), "non-finite"),
+        (lambda: EvoConfig(init_density=float("nan"), method="ties").validate(2), "non-finite"),
+        (lambda: evo_merge([s.a1, s.a2], out, score_fn=None, log_path=a_file), "not an evo-merge log"),
     ]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("the user's own notes\n")
+    weights_before = (s.a1 / "adapter_model.safetensors").read_bytes()
     list_config = tmp_path / "list-config"
     shutil.copytree(s.a1, list_config)
     (list_config / "adapter_config.json").write_text("[]")
@@ -398,6 +421,8 @@ def test_bad_input_is_one_clear_error(s, tmp_path):
             fn()
         assert "\n" not in str(err.value)
     assert not out.exists()
+    assert a_file.read_text() == "the user's own notes\n"
+    assert (s.a1 / "adapter_model.safetensors").read_bytes() == weights_before
 
 
 def test_interrupted_write_leaves_nothing_and_keeps_an_old_output(s, tmp_path, monkeypatch):

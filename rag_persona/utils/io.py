@@ -97,6 +97,20 @@ def make_parent(path: Path) -> None:
         ) from None
 
 
+def check_output_file(path: str | Path, flag: str, inputs: Iterable[str | Path] = ()) -> Path:
+    """Before any work: an output file path must not be a folder, nor sit inside or on one of the inputs
+    (a report written over the weights it reads), and its folder must be creatable."""
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise RagPersonaError(f"{flag} {path}: is a folder; name the file to write")
+    for given in inputs:
+        src = Path(given).expanduser().absolute()
+        if path == src or src in path.parents:
+            raise RagPersonaError(f"{flag} {path}: is input {src}; refusing to overwrite it")
+    make_parent(path)
+    return path
+
+
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a hidden file beside path, sync it, then rename it into place."""
     path = Path(path)

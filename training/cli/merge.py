@@ -133,11 +133,14 @@ def evo_merge_cmd(
 ) -> None:
     """CMA-ES over adapter weights (and density), scored by persona metrics on held-out prompts."""
     options = dict(locals())
-    from training.merging.evomerge import EvoConfig, evo_merge, persona_score_fn
-    from training.merging.merge import parse_floats
+    from training.merging.evomerge import EvoConfig, check_log, evo_merge, persona_score_fn
+    from training.merging.merge import check_output, parse_floats
 
     init = parse_floats(init_weights, "--init-weights")
     config = EvoConfig(**keywords_for(EvoConfig, options, init_weights=init)).validate(len(inputs))
+    # evo_merge checks these again; here they come before the score function opens the index and embedder.
+    check_output(out, inputs)
+    check_log(log or out.with_name(f"{out.name}.evo.jsonl"), inputs)
     score_fn = persona_score_fn(**keywords_for(persona_score_fn, options, progress=_progress))
     result = evo_merge(
         inputs, out, score_fn=score_fn, config=config, base=base, log_path=log, progress=_progress

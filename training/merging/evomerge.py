@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
+from rag_persona.utils.io import check_output_file
 from training.provenance import versions
 
 from .folders import default_adapter_base, input_record, resolve_base
@@ -37,6 +38,7 @@ from .merge import (
     attach_adapters,
     check_adapters,
     check_inputs,
+    check_output,
     export_adapter,
     merge_folder,
     needs_density,
@@ -76,8 +78,17 @@ class EvoConfig:
         if self.population_size is not None and self.population_size < 4:
             # Below 4, cmaes' recombination weights divide by zero.
             raise RagPersonaError(f"--population: {self.population_size} is below CMA-ES's minimum of 4")
-        if self.sigma <= 0:
-            raise RagPersonaError(f"--sigma: {self.sigma} must be positive")
+        if (
+            not 0 <= self.seed < 2**32
+        ):  # cmaes' own range, checked here rather than after the first evaluation
+            raise RagPersonaError(f"--seed: {self.seed} is outside 0 … 2**32-1")
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise RagPersonaError(f"--sigma: {self.sigma} must be a positive number")
+        if self.svd_rank is not None and self.svd_rank < 1:
+            raise RagPersonaError(f"--svd-rank: {self.svd_rank} must be at least 1")
+        starts = [*(self.init_weights or []), self.init_density]
+        if not all(math.isfinite(v) for v in starts):
+            raise RagPersonaError(f"--init-weights/--init-density: {starts} has a non-finite value")
         for what, (lo, hi) in (("weight", self.weight_bounds), ("density", self.density_bounds)):
             if not lo < hi:
                 raise RagPersonaError(f"{what} bounds: {lo} is not below {hi}")
@@ -204,6 +215,24 @@ def cma_search(evaluate, mean, bounds, config: EvoConfig, evaluations: list) -> 
     return generation
 
 
+def check_log(path: Path, inputs: Sequence[Path]) -> Path:
+    """The evaluation log is rewritten from empty: only a file that is an earlier evo-merge log (or
+    empty) may be there, so a mistyped --log never truncates the user's prompts or weights."""
+    path = check_output_file(path, "--log", inputs)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            first = fh.readline(1 << 16)
+        try:
+            row = json.loads(first)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and {"eval", "params", "score"} <= row.keys()):
+            raise RagPersonaError(
+                f"--log {path}: exists and is not an evo-merge log; refusing to overwrite it"
+            )
+    return path
+
+
 def evo_merge(
     adapters: Sequence[str | Path],
     out: str | Path,
@@ -219,14 +248,13 @@ def evo_merge(
 
     started = time.time()
     adapters = check_inputs(adapters)
-    out = Path(out)
+    out = check_output(out, adapters)
     config = (config or EvoConfig()).validate(len(adapters))
     check_adapters(adapters, config.method)
     n = len(adapters)
     mean, bounds = config.start(n)
+    log_path = check_log(Path(log_path) if log_path else out.with_name(f"{out.name}.evo.jsonl"), adapters)
     base_label, base_path = resolve_base(default_adapter_base(adapters, base), progress)
-    log_path = Path(log_path) if log_path else out.with_name(f"{out.name}.evo.jsonl")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("", encoding="utf-8")
 
     loaded = load_causal_lm(str(base_path), progress=progress)

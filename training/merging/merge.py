@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.utils.io import atomic_folder, write_json
+from rag_persona.utils.io import atomic_folder, check_replaceable, write_json
 from training.provenance import versions
 
 from .folders import (
@@ -83,11 +83,15 @@ def check_weights(weights: Sequence[float] | None, n: int, what: str = "inputs")
         raise RagPersonaError(f"--weights: {len(weights)} weights given for {n} {what}")
     if not all(math.isfinite(w) for w in weights):
         raise RagPersonaError(f"--weights: {list(weights)} has a non-finite value")
+    if not any(weights):
+        raise RagPersonaError(f"--weights: {list(weights)} are all 0; the merge would change nothing")
     return [float(w) for w in weights]
 
 
 def check_density(method: str, density: float | None) -> float | None:
     if not needs_density(method):
+        if density is not None:  # silently dropping it would hide a typo in --method
+            raise RagPersonaError(f"--density: method {method} does not use a density")
         return None
     if density is None:
         raise RagPersonaError(f"--density: method {method} needs a density (share of entries kept, 0–1]")
@@ -100,10 +104,29 @@ def check_inputs(inputs: Sequence[str | Path], need_two: bool = True) -> list[Pa
     paths = [Path(p) for p in inputs]
     if need_two and len(paths) < 2:
         raise RagPersonaError(f"merge: needs at least two inputs, got {len(paths)}")
-    for p in paths:
+    for i, p in enumerate(paths):
         if not p.is_dir():
             raise RagPersonaError(f"{p}: no such folder")
+        if p.resolve() in {q.resolve() for q in paths[:i]}:
+            raise RagPersonaError(f"merge: {p} is given twice (weight it instead)")
     return paths
+
+
+def check_output(out: str | Path, inputs: Sequence[Path], shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Before any weights load: `out` is a merge output we may replace, not an input, and shards are sized."""
+    out = Path(out)
+    check_replaceable(out.absolute(), MANIFEST, "a merge output")
+    if any(out.absolute() == p.absolute() for p in inputs):
+        raise RagPersonaError(f"--out {out}: is one of the inputs; refusing to replace it")
+    if shard_bytes <= 0:
+        raise RagPersonaError(f"--shard-mb: {shard_bytes / 1e6:g} must be positive")
+    return out
+
+
+def check_svd_rank(svd_rank: int | None) -> int | None:
+    if svd_rank is not None and svd_rank < 1:
+        raise RagPersonaError(f"--svd-rank: {svd_rank} must be at least 1")
+    return svd_rank
 
 
 @contextmanager
@@ -242,10 +265,11 @@ def merge_adapters(
     """Combine LoRA adapters with peft add_weighted_adapter; write an adapter folder, or a full model."""
     started = time.time()
     adapters = check_inputs(adapters)
-    out = Path(out)
+    out = check_output(out, adapters, shard_bytes)
     check_adapters(adapters, method)
     weights = check_weights(weights, len(adapters), "adapters")
     density = check_density(method, density)
+    check_svd_rank(svd_rank)
     base_label, base_path = resolve_base(default_adapter_base(adapters, base), progress)
     progress(f"merging {len(adapters)} adapters on {base_label} with {method}")
     model = load_base_model(base_path)
@@ -332,7 +356,7 @@ def merge_models(
 
     started = time.time()
     models = check_inputs(models)
-    out = Path(out)
+    out = check_output(out, models, shard_bytes)
     if method not in MODEL_METHODS:
         raise RagPersonaError(f"--method: {method!r} is not a model merge ({', '.join(MODEL_METHODS)})")
     weights = check_weights(weights, len(models), "models")

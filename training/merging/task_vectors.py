@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
-from rag_persona.utils.io import write_file_atomic
+from rag_persona.utils.io import check_output_file, write_file_atomic
 
 from .folders import SafetensorsFolder, is_adapter_dir, read_adapter_config, resolve_base
 
@@ -247,6 +247,12 @@ def task_vectors(
     model, except when every input is a full model and pairs are asked for: then only pairs are computed.
     """
     paths = _check_inputs(inputs, pairs, top_percent)
+    if csv_path and plot_path and Path(csv_path).absolute() == Path(plot_path).absolute():
+        raise RagPersonaError(f"--csv and --plot: both name {csv_path}; give two files")
+    sources_given = [*paths, *([base] if base and Path(base).exists() else [])]
+    for flag, out in (("--csv", csv_path), ("--plot", plot_path)):
+        if out:  # before any tensor is read: the analysis of a 1.5B takes minutes
+            check_output_file(out, flag, sources_given)
     kinds = ["adapter" if is_adapter_dir(p) else "model" for p in paths]
     all_models = all(k == "model" for k in kinds)
     base_label = base_path = None
@@ -293,9 +299,11 @@ def _check_inputs(inputs: Sequence[str | Path], pairs: bool, top_percent: float)
     paths = [Path(p) for p in inputs]
     if not paths:
         raise RagPersonaError("task-vectors: no inputs given")
-    for p in paths:
+    for i, p in enumerate(paths):
         if not p.is_dir():
             raise RagPersonaError(f"{p}: no such folder")
+        if p.resolve() in {q.resolve() for q in paths[:i]}:
+            raise RagPersonaError(f"task-vectors: {p} is given twice")
     if not 0.0 < top_percent <= 100.0:
         raise RagPersonaError(f"--top-percent: {top_percent} is outside (0, 100]")
     if pairs and len(paths) < 2:
