@@ -385,3 +385,39 @@ def test_a_folder_it_did_not_write_is_refused_before_the_model_loads(setup, tmp_
     with pytest.raises(RagPersonaError, match=r"notes: folder is not empty and holds no recipe\.yaml"):
         train(_recipe(setup, stage), out, progress=lambda m: None, cuda=False)
     assert (out / "todo.txt").read_text() == "mine"
+
+
+def test_ship_adapter_refuses_bad_runs_and_names_before_writing(setup, sft_run, tmp_path):
+    import shutil
+
+    from rag_persona.cli.app import app
+
+    root = tmp_path / "adapters"
+    good = ship_adapter(setup.root / "sft", root / "good")  # a sibling that the failures must not touch
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(setup.root / "sft", no_weights)
+    (no_weights / "adapter_model.safetensors").unlink()
+    garbage = tmp_path / "garbage"
+    shutil.copytree(setup.root / "sft", garbage)
+    (garbage / "adapter_model.safetensors").write_bytes(b"\x01\x00")
+    loop = tmp_path / "loop"
+    shutil.copytree(setup.root / "sft", loop)
+    metrics = json.loads((loop / "metrics.json").read_text())
+    (loop / "metrics.json").write_text(json.dumps({**metrics, "init_adapter": str(loop)}))
+    for run, pattern in [
+        (no_weights, r"adapter_model\.safetensors: no such file"),
+        (garbage, r"adapter_model\.safetensors: not a readable safetensors file"),
+        (loop, r"'init_adapter' loops back"),
+    ]:
+        with pytest.raises(RagPersonaError, match=pattern):
+            ship_adapter(run, root / "bad")
+        assert not (root / "bad").exists()
+    (root / "broken").mkdir()
+    (root / "broken" / "rag_persona_adapter.json").write_text("{")
+    with pytest.raises(RagPersonaError, match=r"broken/rag_persona_adapter\.json"):
+        ship_adapter(setup.root / "sft", root / "bad")
+    assert (
+        not (root / "bad").exists() and json.loads((good / "rag_persona_adapter.json").read_text())["default"]
+    )
+    res = CliRunner().invoke(app, ["ship-adapter", str(setup.root / "sft"), "--name", "../../escaped"])
+    assert res.exit_code == 2 and "--name '../../escaped': must be a plain folder name" in res.stderr

@@ -20,15 +20,31 @@ def _copy_provenance(src: Path, dest: Path) -> None:
             shutil.copy2(src / name, dest / name)
 
 
-def _copy_lineage(metrics: dict, work: Path) -> None:
-    """Earlier stages (the SFT a DPO run continued) keep their own recipe, data manifest and curve."""
+def _ancestors(run: Path, metrics: dict) -> list[tuple[Path, dict]]:
+    """(folder, metrics) of each earlier stage this run continued (init_adapter), nearest first."""
+    chain, seen = [], {run.resolve()}
     ancestor = metrics.get("init_adapter")
     while ancestor and (Path(ancestor) / "metrics.json").is_file():
-        a_metrics = read_json(Path(ancestor) / "metrics.json")
-        folder = work / "lineage" / f"{a_metrics.get('stage')}-{a_metrics.get('recipe')}"
-        folder.mkdir(parents=True)
-        _copy_provenance(Path(ancestor), folder)
+        folder = Path(ancestor)
+        if folder.resolve() in seen:
+            raise RagPersonaError(f"{folder / 'metrics.json'}: field 'init_adapter' loops back to {ancestor}")
+        seen.add(folder.resolve())
+        a_metrics = read_json(folder / "metrics.json")
+        chain.append((folder, a_metrics))
         ancestor = a_metrics.get("init_adapter")
+    return chain
+
+
+def _copy_lineage(ancestors: list[tuple[Path, dict]], work: Path) -> None:
+    """Earlier stages (the SFT a DPO run continued) keep their own recipe, data manifest and curve."""
+    for ancestor, a_metrics in ancestors:
+        name = f"{a_metrics.get('stage')}-{a_metrics.get('recipe')}"
+        folder, n = work / "lineage" / name, 1
+        while folder.exists():  # two rounds of one recipe (on-policy DPO) each keep their files
+            n += 1
+            folder = work / "lineage" / f"{name}-{n}"
+        folder.mkdir(parents=True)
+        _copy_provenance(ancestor, folder)
 
 
 def _chain(metrics: dict):
@@ -65,6 +81,7 @@ def ship_adapter(
     (rag_persona.evaluation.evaluate.default_adapter).
     """
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     run, dest = Path(run), Path(dest)
@@ -73,13 +90,22 @@ def ship_adapter(
     metrics = read_json(run / "metrics.json", missing="no such file: not a training run's output folder")
     if not isinstance(metrics.get("base_model"), str):
         raise RagPersonaError(f"{run / 'metrics.json'}: field 'base_model': missing (not a training run's)")
+    # Everything read before the folder is made: a bad input never leaves a half-shipped adapter behind.
+    weights = run / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise RagPersonaError(f"{weights}: no such file (the run saved no adapter weights)")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise RagPersonaError(f"{weights}: not a readable safetensors file ({exc})") from None
+    config = read_json(run / "adapter_config.json")
+    ancestors = _ancestors(run, metrics)
+    siblings = _sibling_manifests(dest)
     with atomic_folder(dest, marker=ADAPTER_MANIFEST, what="a shipped adapter") as work:
         _copy_provenance(run, work)
-        _copy_lineage(metrics, work)
-        config = read_json(run / "adapter_config.json")
+        _copy_lineage(ancestors, work)
         config["base_model_name_or_path"] = metrics["base_model"]  # the alias, not this machine's cache path
         (work / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        tensors = load_file(str(run / "adapter_model.safetensors"))
         if bf16:
             tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
         save_file(tensors, str(work / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -98,17 +124,23 @@ def ship_adapter(
         }
         write_json(work / ADAPTER_MANIFEST, info, indent=1)
     if default:
-        _demote_other_defaults(dest, info)
+        _demote_other_defaults(siblings, info)
     return dest
 
 
-def _demote_other_defaults(dest: Path, info: dict) -> None:
+def _sibling_manifests(dest: Path) -> list[tuple[Path, dict]]:
+    """The other shipped adapters' manifests beside dest, each read (a malformed one is one error line)."""
+    return [
+        (manifest, read_json(manifest))
+        for manifest in sorted(dest.parent.glob(f"*/{ADAPTER_MANIFEST}"))
+        if manifest.parent.resolve() != dest.absolute().resolve()
+    ]
+
+
+def _demote_other_defaults(siblings: list[tuple[Path, dict]], info: dict) -> None:
     """One default per base model and persona: the shipped siblings that were the default for this adapter's
     model and persona stop being it (they stay one --adapter away)."""
-    for manifest in sorted(dest.parent.glob(f"*/{ADAPTER_MANIFEST}")):
-        if manifest.parent.resolve() == dest.resolve():
-            continue
-        other = json.loads(manifest.read_text(encoding="utf-8"))
+    for manifest, other in siblings:
         same = (other.get("base_model"), other.get("persona")) == (info["base_model"], info["persona"])
         if same and other.get("default"):
             write_json(manifest, {**other, "default": False}, indent=1)

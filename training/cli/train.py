@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from rag_persona.cli import _progress, echo_json, friendly
+from rag_persona.errors import RagPersonaError
 
 
 def summary_line(metrics: dict) -> str:
@@ -98,6 +100,8 @@ def ship_adapter_cmd(
     from rag_persona.evaluation.evaluate import ADAPTERS_ROOT
     from training.shipping import ship_adapter
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):  # one folder under adapters/, never a path
+        raise RagPersonaError(f"--name {name!r}: must be a plain folder name (letters, digits, _ . -)")
     typer.echo(str(ship_adapter(run, ADAPTERS_ROOT / name, default=default)))
 
 
