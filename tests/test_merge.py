@@ -409,7 +409,17 @@ def test_bad_input_is_one_clear_error(s, tmp_path):
         (lambda: EvoConfig(init_weights=[float("nan"), 0.5]).validate(2), "non-finite"),
         (lambda: EvoConfig(init_density=float("nan"), method="ties").validate(2), "non-finite"),
         (lambda: evo_merge([s.a1, s.a2], out, score_fn=None, log_path=a_file), "not an evo-merge log"),
+        (lambda: task_vectors([garbage_model], base=str(s.base)), "not a readable safetensors file"),
+        (lambda: task_vectors([bad_index], base=str(s.base)), "field 'weight_map'"),
+        (lambda: merge([s.a1, garbage_adapter], out, base=str(s.base)), "not a readable safetensors file"),
     ]
+    garbage_model, bad_index, garbage_adapter = tmp_path / "gm", tmp_path / "bi", tmp_path / "ga"
+    garbage_model.mkdir()
+    (garbage_model / "model.safetensors").write_bytes(b"\x01\x00")
+    bad_index.mkdir()
+    (bad_index / "model.safetensors.index.json").write_text('{"weight_map": []}')
+    shutil.copytree(s.a2, garbage_adapter)
+    (garbage_adapter / "adapter_model.safetensors").write_bytes(b"\x01\x00")
     a_file = tmp_path / "notes.txt"
     a_file.write_text("the user's own notes\n")
     weights_before = (s.a1 / "adapter_model.safetensors").read_bytes()

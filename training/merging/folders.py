@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -38,7 +37,22 @@ def read_adapter_config(path: str | Path) -> dict:
         raise RagPersonaError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise RagPersonaError(f"{path}: no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
+    with open_safetensors(path / ADAPTER_WEIGHTS):  # its header, now: peft would fail after the base load
+        pass
     return cfg
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """safetensors' safe_open; a file that is not one (truncated, another format) is one error line."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise RagPersonaError(f"{path}: not a readable safetensors file ({exc})") from None
+    with handle:
+        yield handle
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -51,7 +65,9 @@ def weight_files(folder: str | Path) -> list[Path]:
         return [folder / ADAPTER_WEIGHTS]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise RagPersonaError(f"{index}: field 'weight_map': expected a mapping of tensor → shard file")
         files = sorted({folder / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -141,11 +157,9 @@ class SafetensorsFolder:
 
     @contextmanager
     def opened(self) -> Iterator[SafetensorsFolder]:
-        from safetensors import safe_open
-
         with ExitStack() as stack:
             for f in weight_files(self.path):
-                handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                handle = stack.enter_context(open_safetensors(f))
                 self._handles[f.name] = handle
                 for key in handle.keys():
                     self._where[key] = f.name
