@@ -56,6 +56,17 @@ def test_bad_model_name_is_one_line(tmp_path, tiny_model_dir):
     assert "not a bundled alias" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(RagPersonaError, match="no such folder"):
         load_causal_lm(str(tiny_model_dir), adapter=str(tmp_path / "missing"), progress=lambda m: None)
+    with pytest.raises(RagPersonaError, match="not a peft adapter folder"):
+        load_causal_lm(str(tiny_model_dir), adapter=str(tmp_path), progress=lambda m: None)
+    # a folder with a config but a tokenizer file that is not one: transformers raises ValueError
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer_config.json"):
+        (broken / name).write_text((tiny_model_dir / name).read_text())
+    (broken / "tokenizer.json").write_text("{}")
+    with pytest.raises(RagPersonaError, match=r"broken: cannot load") as err:
+        load_causal_lm(str(broken), progress=lambda m: None)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow

@@ -95,18 +95,23 @@ def load_causal_lm(
         raise RagPersonaError(
             f"model {source!r}: not a bundled alias ({', '.join(BUNDLED)}), local folder or hub id"
         )
+    if adapter:  # before the weights load, which takes minutes for a first 1.5B open
+        if not Path(adapter).is_dir():
+            raise RagPersonaError(f"adapter {adapter}: no such folder")
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise RagPersonaError(f"adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise RagPersonaError(f"model {source}: cannot load ({str(exc).splitlines()[0]})") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # ValueError/KeyError/TypeError: transformers reading a tokenizer or config file that is not one
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RagPersonaError(f"model {source}: cannot load ({type(exc).__name__}: {first})") from exc
     if not load_in_4bit:
         model.to(device)
     if adapter:
         from peft import PeftModel
 
-        if not Path(adapter).exists():
-            raise RagPersonaError(f"adapter {adapter}: no such folder")
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     if tokenizer.pad_token_id is None:
