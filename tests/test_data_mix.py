@@ -48,9 +48,13 @@ def test_a_folder_of_personas_builds_one_mixed_set_with_every_row_in_its_own_per
     order = [r["persona"] for r in rows]
     assert sum(a != b for a, b in zip(order, order[1:], strict=False)) > 1
     part_rows = _rows(out / "personas" / "samurai_ronin" / "sft_d1_train.jsonl")
-    assert sorted(r["id"] for r in part_rows) == sorted(
+    assert sorted(f"samurai_ronin/{r['id']}" for r in part_rows) == sorted(
         r["id"] for r in rows if r["persona"] == "samurai_ronin"
     )
+    # ids stay unique across personas whose dialogue files share conversation ids
+    for name in manifest["counts"]:
+        ids = [r["id"] for r in _rows(out / name)]
+        assert len(ids) == len(set(ids)), name
 
 
 def test_expand_and_refusals(personas, tmp_path):

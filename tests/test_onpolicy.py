@@ -190,3 +190,32 @@ def test_a_cached_reply_belongs_to_the_adapter_weights_that_wrote_it(tmp_path):
     assert before != reply_source("qwen2.5-coder-0.5b", adapter, "transformers")
     (adapter / "adapter_model.safetensors").write_bytes(b"retrained in place")
     assert before != reply_source("qwen2.5-coder-0.5b", adapter, "llama.cpp")
+
+
+def test_bad_source_rows_and_a_missing_eval_file_are_refused_before_any_reply(tmp_path, rows, monkeypatch):
+    import rag_persona.generation.engines as engines
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was opened before the data was checked")
+
+    monkeypatch.setattr(engines, "open_engine", never)
+    data = tmp_path / "data"
+    args = ["onpolicy-pairs", "--data", str(data), "--out", str(tmp_path / "pairs"), "--adapter", "none"]
+    cases = [
+        (
+            [*rows, rows[0]],
+            rows,
+            f"dpo_d1_train.jsonl:{len(rows) + 1}: field 'id': 'a-t0' repeats an earlier row's",
+        ),
+        ([{**rows[0], "chosen": []}], rows, "dpo_d1_train.jsonl:1: field 'chosen': missing"),
+        (rows, None, "dpo_d1_eval.jsonl: DPO data file not found"),
+    ]
+    for train, evaluation, message in cases:
+        write_jsonl(data / "dpo_d1_train.jsonl", train)
+        (data / "dpo_d1_eval.jsonl").unlink(missing_ok=True)
+        if evaluation is not None:
+            write_jsonl(data / "dpo_d1_eval.jsonl", evaluation)
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and message in res.stderr, res.output
+    res = CliRunner().invoke(app, [*args, "--mix", "-1"])
+    assert res.exit_code == 2 and "--mix" in res.output

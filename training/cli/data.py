@@ -84,7 +84,7 @@ def build_data(
 def audit_labels_cmd(
     data: Annotated[Path, typer.Option("--data", help="JSONL: SFT, DPO, text or pre-tokenised rows.")],
     model: Annotated[str | None, typer.Option("--model", help="Whose tokenizer builds the labels.")] = None,
-    n: Annotated[int, typer.Option("--n", help="Examples to audit and show (0: all).")] = 10,
+    n: Annotated[int, typer.Option("--n", min=0, help="Examples to audit and show (0: all).")] = 10,
     builder: Annotated[str, typer.Option(help="ours (EOS id) or trl (trl's string EOS).")] = "ours",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -125,7 +125,7 @@ def onpolicy_pairs_cmd(
     per_kind: Annotated[
         str, typer.Option(help="Grounded prompts answered per conversation kind: N or N,KIND=N,…")
     ] = "150",
-    mix: Annotated[int, typer.Option(help="Rows of the source DPO file kept beside the pairs.")] = 32,
+    mix: Annotated[int, typer.Option(min=0, help="Rows of the source DPO file kept beside the pairs.")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     samples: Annotated[
         str,

@@ -83,10 +83,19 @@ def _concatenate(work: Path, parts: list[dict], seed: int) -> dict:
         for p in parts:
             path = p["folder"] / name
             if path.is_file():
-                rows += [{**row, "persona": p["persona"]} for _, row in read_jsonl(path)]
+                rows += [_in_persona(row, p["persona"]) for _, row in read_jsonl(path)]
         if "_train" in name:
             random.Random(f"{seed}|{name}").shuffle(rows)
         path = work / name
         path.write_text(jsonl_text(rows), encoding="utf-8")
         files[name] = {"rows": len(rows), "sha256": file_sha256(path)}
     return files
+
+
+def _in_persona(row: dict, persona: str) -> dict:
+    """A part's row in the mixed set: its persona named, its id prefixed with it (two personas' dialogue
+    files may use the same conversation ids, and on-policy replies and evaluation reports key on ids)."""
+    out = {**row, "persona": persona}
+    if "id" in row:
+        out["id"] = f"{persona}/{row['id']}"
+    return out

@@ -182,7 +182,21 @@ def write_pairs(
 
 
 def read_rows(path: Path) -> list[dict]:
-    return [obj for _, obj in read_jsonl(path, missing="DPO data file not found")]
+    """A DPO data file's rows, each with the fields the pairs are built from (checked before generating)."""
+    rows, seen = [], set()
+    for n, obj in read_jsonl(path, missing="DPO data file not found"):
+        for name, kind in (("id", str), ("prompt", list), ("chosen", list)):
+            if not isinstance(obj.get(name), kind) or not obj[name]:
+                raise RagPersonaError(
+                    f"{path}:{n}: field {name!r}: missing or not a non-empty {kind.__name__}"
+                )
+        if not (isinstance(obj["chosen"][-1], dict) and isinstance(obj["chosen"][-1].get("content"), str)):
+            raise RagPersonaError(f"{path}:{n}: field 'chosen': the last message has no text content")
+        if obj["id"] in seen:  # replies are cached by id: two rows of one id would share one reply
+            raise RagPersonaError(f"{path}:{n}: field 'id': {obj['id']!r} repeats an earlier row's")
+        seen.add(obj["id"])
+        rows.append(obj)
+    return rows
 
 
 def reply_source(model: str | None, adapter: str | Path | None, engine: str) -> dict:
@@ -242,7 +256,10 @@ def build_onpolicy(
 
     data, out = Path(data), Path(out)
     check_replaceable(out.absolute(), MARKER, "on-policy pairs output")  # before an hour of generation
+    if mix < 0:
+        raise RagPersonaError(f"--mix: {mix} must be 0 or more")
     rows = read_rows(data / source)
+    eval_rows = read_rows(data / eval_source)  # read now, not after an hour of generation
     caps, tries = per_kind_counts(per_kind, "--per-kind"), per_kind_counts(samples, "--samples")
     picked = pick_rows(rows, caps, seed)
     persona = default_persona(persona_id)
@@ -299,6 +316,6 @@ def build_onpolicy(
         "counts": dict(counts),
         "pairs_by_kind": dict(Counter(p["kind"] for p in pairs)),
     }
-    write_pairs(out, pairs, kept, read_rows(data / eval_source), manifest, replies=list(cache.values()))
+    write_pairs(out, pairs, kept, eval_rows, manifest, replies=list(cache.values()))
     cache_path.unlink(missing_ok=True)
     return manifest
