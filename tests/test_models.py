@@ -132,3 +132,20 @@ def test_unknown_alias_and_missing_extra_are_clear(tmp_path, monkeypatch):
     assert (
         rows["qwen2.5-coder-1.5b"]["installed"] is False and rows["qwen2.5-coder-0.5b"]["installed"] is True
     )
+
+
+def test_a_file_or_foreign_folder_where_the_model_goes_is_refused_and_kept(tmp_path):
+    model, parts = _fake_parts(tmp_path)
+    calls: list = []
+    models = tmp_path / "models-file"  # RAG_PERSONA_HOME/models is a file
+    models.write_text("not a folder")
+    with pytest.raises(
+        RagPersonaError, match=r"cannot write there: .*models-file or a folder above it is a file"
+    ):
+        prepare(model.alias, models, converter=_fake_converter(calls), parts=parts, bundled=model)
+    models = tmp_path / "models"
+    (models / model.alias).mkdir(parents=True)
+    (models / model.alias / "notes.txt").write_text("mine")
+    with pytest.raises(RagPersonaError, match=r"fake-model: folder is not empty and holds no"):
+        prepare(model.alias, models, converter=_fake_converter(calls), parts=parts, bundled=model)
+    assert (models / model.alias / "notes.txt").read_text() == "mine" and not calls

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rag_persona.errors import RagPersonaError
 from rag_persona.settings import get_settings
+from rag_persona.utils.io import check_replaceable, make_parent
 
 READY_MARKER = "rag_persona_model.json"
 _CHUNK = 1 << 24
@@ -142,7 +143,9 @@ def prepare(
     target = model_dir(alias, home)
     if (target / READY_MARKER).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    # A file there, or a folder that no conversion of ours finished (no marker), is not ours to delete.
+    check_replaceable(target, READY_MARKER, f"the prepared {alias} model")
+    make_parent(target)
     # Two processes preparing at once would both convert; the second waits and finds the marker.
     with open(target.parent / f".{alias}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
