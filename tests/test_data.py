@@ -159,6 +159,12 @@ def test_render_prompt_cli_prints_the_chat_messages(index_dir):
     assert "名前は小野寺絢音" in out["messages"][0]["content"]
     bad = CliRunner().invoke(app, ["render-prompt", "--index", str(index_dir), "--history", "{", "hi"])
     assert bad.exit_code == 2 and "--history: invalid JSON" in bad.output
+    bad = CliRunner().invoke(app, ["render-prompt", "--history", '[{"role": "usr", "content": "x"}]', "hi"])
+    assert (
+        bad.exit_code == 2 and "--history: item 1 (role 'usr'): role must be user or assistant" in bad.output
+    )
+    bad = CliRunner().invoke(app, ["render-prompt", "  "])
+    assert bad.exit_code == 2 and "message: empty" in bad.output
 
 
 def test_teacher_paraphrases_are_marked_generated_and_train_only(index_dir, tmp_path):

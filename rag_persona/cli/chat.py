@@ -182,6 +182,12 @@ def _history_turns(history: str | None) -> list[dict]:
         raise RagPersonaError(f"--history: invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
         raise RagPersonaError("--history: expected a JSON list of {role, content} objects")
+    for i, m in enumerate(turns, 1):
+        if m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+            raise RagPersonaError(
+                f"--history: item {i} (role {m.get('role')!r}): role must be user or assistant, "
+                "content a string (the persona's instruction is the system message)"
+            )
     return turns
 
 
@@ -201,9 +207,11 @@ def render_prompt(
 ) -> None:
     """The messages the model would get for this turn, after retrieval."""
     from rag_persona.chat import default_persona, plan_turn
+    from rag_persona.prompts import check_user_turn
     from rag_persona.retrieval.retriever import retriever_for
 
     turns = _history_turns(history)
+    check_user_turn(query)  # before the index and its embedder open
     plan = plan_turn(
         default_persona(persona),
         retriever_for(open_index(index, persona)),
