@@ -360,7 +360,16 @@ def test_persona_score_is_the_mean_of_available_rates():
 # -- bad input and interrupted writes -------------------------------------------------------------------
 
 
-def test_bad_input_is_one_clear_error(s, tmp_path):
+def test_bad_input_is_one_clear_error(s, tmp_path, monkeypatch):
+    import rag_persona.generation
+    import training.merging.merge as merge_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    # every refusal below comes before any weights load
+    monkeypatch.setattr(merge_module, "load_base_model", never)
+    monkeypatch.setattr(rag_persona.generation, "load_causal_lm", never)
     out = tmp_path / "out"
     cases = [
         (lambda: merge([s.a1, tmp_path / "nope"], out), "nope: no such folder"),
@@ -400,7 +409,7 @@ def test_bad_input_is_one_clear_error(s, tmp_path):
         (lambda: task_vectors([s.a1, s.a1]), "a1 is given twice"),
         (
             lambda: task_vectors([s.a1], csv_path=s.a1 / "adapter_model.safetensors"),
-            "is input .*a1; refusing",
+            "is input .*a1 or a file in it",
         ),
         (lambda: task_vectors([s.a1], csv_path=a_file, plot_path=a_file), "both name"),
         (lambda: task_vectors([s.a1], plot_path=s.root), "is a folder"),
@@ -412,7 +421,18 @@ def test_bad_input_is_one_clear_error(s, tmp_path):
         (lambda: task_vectors([garbage_model], base=str(s.base)), "not a readable safetensors file"),
         (lambda: task_vectors([bad_index], base=str(s.base)), "field 'weight_map'"),
         (lambda: merge([s.a1, garbage_adapter], out, base=str(s.base)), "not a readable safetensors file"),
+        (lambda: merge([s.a1, earlier], earlier, base=str(s.base)), "earlier: is one of the inputs"),
+        (lambda: task_vectors([s.a1], csv_path=link / "adapter_model.safetensors"), "is input .*a1"),
+        (
+            lambda: evo_merge([s.a1, s.a2], out, score_fn=None, log_path=out / "log.jsonl"),
+            "lies inside --out",
+        ),
     ]
+    earlier = tmp_path / "earlier"  # an earlier merge output, merged again into itself
+    shutil.copytree(s.a2, earlier)
+    (earlier / "merge_manifest.json").write_text("{}")
+    link = tmp_path / "link"
+    link.symlink_to(s.a1)
     garbage_model, bad_index, garbage_adapter = tmp_path / "gm", tmp_path / "bi", tmp_path / "ga"
     garbage_model.mkdir()
     (garbage_model / "model.safetensors").write_bytes(b"\x01\x00")

@@ -14,6 +14,7 @@ from training.recipes import (
     Recipe,
     bundled_recipes,
     load_recipe,
+    read_recipe_file,
     recipe_from_dict,
 )
 
@@ -108,6 +109,11 @@ def test_a_key_given_twice_names_its_second_line(tmp_path):
         load_recipe(_bad(tmp_path, "name: x\nstage: sft\nlearning_rate: 1.0e-5\nlearning_rate: 2.0e-5\n"))
     with pytest.raises(RagPersonaError, match=r"key 'r' given twice"):
         load_recipe(_bad(tmp_path, "name: x\nstage: sft\nlora:\n  r: 8\n  r: 16\n"))
+    # anchors and merge keys still work (shared blocks between recipes' sections)
+    text = "base: &lora {r: 4, lora_alpha: 8}\nlora:\n  <<: *lora\n  r: 16\n"
+    assert read_recipe_file(_bad(tmp_path, text))["lora"] == {"r": 16, "lora_alpha": 8}
+    with pytest.raises(RagPersonaError, match=r"bad\.yaml:3: invalid YAML"):
+        load_recipe(_bad(tmp_path, "name: x\nstage: sft\n? [a, b]\n: 1\n"))
 
 
 def test_overrides_replace_fields_and_merge_into_blocks():

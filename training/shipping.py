@@ -100,7 +100,7 @@ def ship_adapter(
         raise RagPersonaError(f"{weights}: not a readable safetensors file ({exc})") from None
     config = read_json(run / "adapter_config.json")
     ancestors = _ancestors(run, metrics)
-    siblings = _sibling_manifests(dest)
+    siblings = _sibling_manifests(dest) if default else []  # only a new default changes them
     with atomic_folder(dest, marker=ADAPTER_MANIFEST, what="a shipped adapter") as work:
         _copy_provenance(run, work)
         _copy_lineage(ancestors, work)

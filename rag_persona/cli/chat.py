@@ -183,10 +183,12 @@ def _history_turns(history: str | None) -> list[dict]:
     if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
         raise RagPersonaError("--history: expected a JSON list of {role, content} objects")
     for i, m in enumerate(turns, 1):
-        if m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+        # system/developer items are dropped as the API drops them (render-prompt's own output fed back)
+        known = m.get("role") in ("user", "assistant", "system", "developer")
+        if not known or not isinstance(m.get("content"), str):
             raise RagPersonaError(
-                f"--history: item {i} (role {m.get('role')!r}): role must be user or assistant, "
-                "content a string (the persona's instruction is the system message)"
+                f"--history: item {i} (role {m.get('role')!r}): role must be user or assistant "
+                "(system is dropped), content a string"
             )
     return turns
 

@@ -82,6 +82,12 @@ def load_causal_lm(
     """Load weights as safetensors with trust_remote_code off; attach a peft adapter if given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # The adapter first: a bundled model's first open converts it (minutes), its weights load after.
+    if adapter:
+        if not Path(adapter).is_dir():
+            raise RagPersonaError(f"adapter {adapter}: no such folder")
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise RagPersonaError(f"adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
     source = resolve_model_path(name, progress=progress)
     has_cuda = cuda_available()
     device = device or ("cuda" if has_cuda else "cpu")
@@ -95,16 +101,11 @@ def load_causal_lm(
         raise RagPersonaError(
             f"model {source!r}: not a bundled alias ({', '.join(BUNDLED)}), local folder or hub id"
         )
-    if adapter:  # before the weights load, which takes minutes for a first 1.5B open
-        if not Path(adapter).is_dir():
-            raise RagPersonaError(f"adapter {adapter}: no such folder")
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise RagPersonaError(f"adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        # ValueError/KeyError/TypeError: transformers reading a tokenizer or config file that is not one
+    except (OSError, ValueError, KeyError) as exc:
+        # ValueError/KeyError: transformers reading a tokenizer or config file that is not one
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise RagPersonaError(f"model {source}: cannot load ({type(exc).__name__}: {first})") from exc
     if not load_in_4bit:

@@ -103,10 +103,11 @@ def check_output_file(path: str | Path, flag: str, inputs: Iterable[str | Path] 
     path = Path(path).expanduser().absolute()
     if path.is_dir():
         raise RagPersonaError(f"{flag} {path}: is a folder; name the file to write")
+    real = path.resolve()  # through symlinks and `..`: a link into an input is that input
     for given in inputs:
-        src = Path(given).expanduser().absolute()
-        if path == src or src in path.parents:
-            raise RagPersonaError(f"{flag} {path}: is input {src}; refusing to overwrite it")
+        src = Path(given).expanduser().resolve()
+        if real == src or (src in real.parents and real.exists()):
+            raise RagPersonaError(f"{flag} {path}: is input {src} or a file in it; refusing to overwrite it")
     make_parent(path)
     return path
 

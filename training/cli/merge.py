@@ -140,7 +140,7 @@ def evo_merge_cmd(
     config = EvoConfig(**keywords_for(EvoConfig, options, init_weights=init)).validate(len(inputs))
     # evo_merge checks these again; here they come before the score function opens the index and embedder.
     check_output(out, inputs)
-    check_log(log or out.with_name(f"{out.name}.evo.jsonl"), inputs)
+    check_log(log or out.with_name(f"{out.name}.evo.jsonl"), inputs, out)
     score_fn = persona_score_fn(**keywords_for(persona_score_fn, options, progress=_progress))
     result = evo_merge(
         inputs, out, score_fn=score_fn, config=config, base=base, log_path=log, progress=_progress

@@ -193,7 +193,10 @@ def read_rows(path: Path) -> list[dict]:
         if not (isinstance(obj["chosen"][-1], dict) and isinstance(obj["chosen"][-1].get("content"), str)):
             raise RagPersonaError(f"{path}:{n}: field 'chosen': the last message has no text content")
         if obj["id"] in seen:  # replies are cached by id: two rows of one id would share one reply
-            raise RagPersonaError(f"{path}:{n}: field 'id': {obj['id']!r} repeats an earlier row's")
+            raise RagPersonaError(
+                f"{path}:{n}: field 'id': {obj['id']!r} repeats an earlier row's "
+                "(a several-persona build-data from before ids named their persona: build it again)"
+            )
         seen.add(obj["id"])
         rows.append(obj)
     return rows

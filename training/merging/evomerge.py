@@ -215,9 +215,11 @@ def cma_search(evaluate, mean, bounds, config: EvoConfig, evaluations: list) -> 
     return generation
 
 
-def check_log(path: Path, inputs: Sequence[Path]) -> Path:
+def check_log(path: Path, inputs: Sequence[Path], out: Path) -> Path:
     """The evaluation log is rewritten from empty: only a file that is an earlier evo-merge log (or
     empty) may be there, so a mistyped --log never truncates the user's prompts or weights."""
+    if out.resolve() in path.resolve().parents:  # the output folder must be empty or ours when it is written
+        raise RagPersonaError(f"--log {path}: lies inside --out {out}; put the log beside it")
     path = check_output_file(path, "--log", inputs)
     if path.is_file() and path.stat().st_size:
         with open(path, "rb") as fh:
@@ -253,7 +255,9 @@ def evo_merge(
     check_adapters(adapters, config.method)
     n = len(adapters)
     mean, bounds = config.start(n)
-    log_path = check_log(Path(log_path) if log_path else out.with_name(f"{out.name}.evo.jsonl"), adapters)
+    log_path = check_log(
+        Path(log_path) if log_path else out.with_name(f"{out.name}.evo.jsonl"), adapters, out
+    )
     base_label, base_path = resolve_base(default_adapter_base(adapters, base), progress)
     log_path.write_text("", encoding="utf-8")
 

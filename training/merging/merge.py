@@ -116,7 +116,7 @@ def check_output(out: str | Path, inputs: Sequence[Path], shard_bytes: int = DEF
     """Before any weights load: `out` is a merge output we may replace, not an input, and shards are sized."""
     out = Path(out)
     check_replaceable(out.absolute(), MANIFEST, "a merge output")
-    if any(out.absolute() == p.absolute() for p in inputs):
+    if any(out.resolve() == p.resolve() for p in inputs):
         raise RagPersonaError(f"--out {out}: is one of the inputs; refusing to replace it")
     if shard_bytes <= 0:
         raise RagPersonaError(f"--shard-mb: {shard_bytes / 1e6:g} must be positive")

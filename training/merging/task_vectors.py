@@ -249,15 +249,19 @@ def task_vectors(
     paths = _check_inputs(inputs, pairs, top_percent)
     if csv_path and plot_path and Path(csv_path).absolute() == Path(plot_path).absolute():
         raise RagPersonaError(f"--csv and --plot: both name {csv_path}; give two files")
-    sources_given = [*paths, *([base] if base and Path(base).exists() else [])]
-    for flag, out in (("--csv", csv_path), ("--plot", plot_path)):
-        if out:  # before any tensor is read: the analysis of a 1.5B takes minutes
-            check_output_file(out, flag, sources_given)
+
+    def check_outputs(sources: list[Path]) -> None:
+        for flag, out in (("--csv", csv_path), ("--plot", plot_path)):
+            if out:  # before any tensor is read: the analysis of a 1.5B takes minutes
+                check_output_file(out, flag, sources)
+
+    check_outputs(paths)
     kinds = ["adapter" if is_adapter_dir(p) else "model" for p in paths]
     all_models = all(k == "model" for k in kinds)
     base_label = base_path = None
     if base or ("model" in kinds and not (pairs and all_models)):
         base_label, base_path = resolve_base(base, progress)
+        check_outputs([base_path])  # an alias or the default base is a folder only now
     labels = _labels(paths)
     with ExitStack() as stack:
         base_st = stack.enter_context(SafetensorsFolder(base_path).opened()) if base_path else None
