@@ -39,6 +39,7 @@ from .merge import (
     check_adapters,
     check_inputs,
     check_output,
+    check_svd_rank,
     export_adapter,
     merge_folder,
     needs_density,
@@ -78,14 +79,12 @@ class EvoConfig:
         if self.population_size is not None and self.population_size < 4:
             # Below 4, cmaes' recombination weights divide by zero.
             raise RagPersonaError(f"--population: {self.population_size} is below CMA-ES's minimum of 4")
-        if (
-            not 0 <= self.seed < 2**32
-        ):  # cmaes' own range, checked here rather than after the first evaluation
+        # cmaes' own seed range, checked here rather than after the base load and the first evaluation
+        if not 0 <= self.seed < 2**32:
             raise RagPersonaError(f"--seed: {self.seed} is outside 0 … 2**32-1")
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise RagPersonaError(f"--sigma: {self.sigma} must be a positive number")
-        if self.svd_rank is not None and self.svd_rank < 1:
-            raise RagPersonaError(f"--svd-rank: {self.svd_rank} must be at least 1")
+        check_svd_rank(self.svd_rank)
         starts = [*(self.init_weights or []), self.init_density]
         if not all(math.isfinite(v) for v in starts):
             raise RagPersonaError(f"--init-weights/--init-density: {starts} has a non-finite value")

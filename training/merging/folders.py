@@ -55,6 +55,17 @@ def open_safetensors(path: Path):
         yield handle
 
 
+def check_input_folders(paths: Sequence[Path], command: str) -> None:
+    """Each input is an existing folder, none given twice (through symlinks and `..`)."""
+    seen: set[Path] = set()
+    for p in paths:
+        if not p.is_dir():
+            raise RagPersonaError(f"{p}: no such folder")
+        if p.resolve() in seen:
+            raise RagPersonaError(f"{command}: {p} is given twice")
+        seen.add(p.resolve())
+
+
 def weight_files(folder: str | Path) -> list[Path]:
     """The safetensors files holding a model's (or an adapter's) weights, in a stable order."""
     folder = Path(folder)

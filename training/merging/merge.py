@@ -43,6 +43,7 @@ from .folders import (
     ShardWriter,
     adapters_base,
     canonical_base,
+    check_input_folders,
     copy_model_files,
     default_adapter_base,
     input_record,
@@ -104,11 +105,7 @@ def check_inputs(inputs: Sequence[str | Path], need_two: bool = True) -> list[Pa
     paths = [Path(p) for p in inputs]
     if need_two and len(paths) < 2:
         raise RagPersonaError(f"merge: needs at least two inputs, got {len(paths)}")
-    for i, p in enumerate(paths):
-        if not p.is_dir():
-            raise RagPersonaError(f"{p}: no such folder")
-        if p.resolve() in {q.resolve() for q in paths[:i]}:
-            raise RagPersonaError(f"merge: {p} is given twice (weight it instead)")
+    check_input_folders(paths, "merge")
     return paths
 
 

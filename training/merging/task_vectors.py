@@ -30,7 +30,7 @@ from pathlib import Path
 from rag_persona.errors import RagPersonaError
 from rag_persona.utils.io import check_output_file, write_file_atomic
 
-from .folders import SafetensorsFolder, is_adapter_dir, read_adapter_config, resolve_base
+from .folders import SafetensorsFolder, check_input_folders, is_adapter_dir, read_adapter_config, resolve_base
 
 PROJ_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULE_TYPES = (*PROJ_TYPES, "embed", "lm_head", "norm", "other")
@@ -303,11 +303,7 @@ def _check_inputs(inputs: Sequence[str | Path], pairs: bool, top_percent: float)
     paths = [Path(p) for p in inputs]
     if not paths:
         raise RagPersonaError("task-vectors: no inputs given")
-    for i, p in enumerate(paths):
-        if not p.is_dir():
-            raise RagPersonaError(f"{p}: no such folder")
-        if p.resolve() in {q.resolve() for q in paths[:i]}:
-            raise RagPersonaError(f"task-vectors: {p} is given twice")
+    check_input_folders(paths, "task-vectors")
     if not 0.0 < top_percent <= 100.0:
         raise RagPersonaError(f"--top-percent: {top_percent} is outside (0, 100]")
     if pairs and len(paths) < 2:
